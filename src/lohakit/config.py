@@ -1,0 +1,194 @@
+"""LoHaConfig: PEFT's LoHa configuration, field for field, with validation and a JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LoHaConfig"]
+
+#: Keys PEFT writes into adapter_config.json that lohakit does not keep: dropped quietly.
+_PEFT_BOOKKEEPING = {"peft_version", "auto_mapping"}
+#: Keys other PEFT versions / PeftConfig subclasses may write: ignored with a warning.
+_PEFT_ONLY_KEYS = {
+    "target_parameters", "trainable_token_indices", "modules_to_tie", "layer_replication",
+    "megatron_config", "megatron_core", "runtime_config", "ensure_weight_tying", "lora_alpha",
+}
+
+
+@dataclass
+class LoHaConfig:
+    """Configuration of a LoHa adapter (same field names and defaults as ``peft.LoHaConfig``).
+
+    Args:
+        r: Rank of each Hadamard branch.
+        alpha: Scaling numerator; the adapter is scaled by ``alpha / r``.
+        rank_dropout: Probability of dropping an output row of ΔW during training.
+        module_dropout: Probability of skipping the adapter for a whole call during training.
+        use_effective_conv2d: Tucker ("effective conv", FedPara Prop. 3) form for k>1 convs.
+        target_modules: List of names (exact or dotted-suffix match), a regex (full match), or
+            ``"all-linear"``. ``None``: the default for the transformers ``model_type``.
+        exclude_modules: Names or regex of modules never to adapt.
+        init_weights: ``True`` (ΔW = 0, PEFT's init), ``False`` (all factors random) or
+            ``"lycoris"`` (LyCORIS' init: w2_a = 0, w1_a ~ N(0, 0.1), w1_b, w2_b ~ N(0, 1)).
+        layers_to_transform: Layer indices to adapt (int or list).
+        layers_pattern: Name(s) of the layer list (e.g. ``"layers"``, ``"h"``).
+        rank_pattern: ``{regex: rank}`` overrides, matched against the module path.
+        alpha_pattern: ``{regex: alpha}`` overrides.
+        modules_to_save: Modules (besides adapters) to train and save as full copies.
+        rank_dropout_scale: Rescale the rank-dropout mask by its mean (PEFT: always).
+    """
+
+    r: int = 8
+    alpha: float = 8
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    use_effective_conv2d: bool = False
+    target_modules: Union[list[str], str, None] = None
+    exclude_modules: Union[list[str], str, None] = None
+    init_weights: Union[bool, Literal["lycoris"]] = True
+    layers_to_transform: Union[list[int], int, None] = None
+    layers_pattern: Union[list[str], str, None] = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    modules_to_save: Union[list[str], None] = None
+    rank_dropout_scale: bool = True
+    # bookkeeping PEFT writes
+    peft_type: str = "LOHA"
+    task_type: Union[str, None] = None
+    base_model_name_or_path: Union[str, None] = None
+    inference_mode: bool = False
+    revision: Union[str, None] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
+        self.rank_pattern = dict(self.rank_pattern or {})
+        self.alpha_pattern = dict(self.alpha_pattern or {})
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the offending field when the config is inconsistent."""
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoHaConfig.r must be a positive int, got {self.r!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"LoHaConfig.alpha must be a positive number, got {self.alpha!r}")
+        for name in ("rank_dropout", "module_dropout"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+                raise ValueError(f"LoHaConfig.{name} must be a probability in [0, 1), got {v!r}")
+        if self.init_weights not in (True, False, "lycoris"):
+            raise ValueError(f"LoHaConfig.init_weights must be True, False or 'lycoris', got {self.init_weights!r}")
+        if self.peft_type != "LOHA":
+            raise ValueError(f"LoHaConfig.peft_type must be 'LOHA', got {self.peft_type!r}")
+        for name in ("target_modules", "exclude_modules", "layers_pattern"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str) and not (
+                isinstance(v, list) and all(isinstance(s, str) for s in v)
+            ):
+                raise ValueError(f"LoHaConfig.{name} must be a string, a list of strings or None, got {v!r}")
+        if self.modules_to_save is not None and not (
+            isinstance(self.modules_to_save, list) and all(isinstance(s, str) for s in self.modules_to_save)
+        ):
+            raise ValueError(f"LoHaConfig.modules_to_save must be a list of strings or None, got {self.modules_to_save!r}")
+        if self.layers_to_transform is not None:
+            lt = self.layers_to_transform
+            ok = (isinstance(lt, int) and not isinstance(lt, bool)) or (
+                isinstance(lt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in lt)
+            )
+            if not ok:
+                raise ValueError(f"LoHaConfig.layers_to_transform must be an int or a list of ints, got {lt!r}")
+        if self.layers_pattern is not None and self.layers_pattern != [] and self.layers_to_transform is None:
+            raise ValueError("LoHaConfig.layers_pattern is only used together with layers_to_transform; set both")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            if self.layers_to_transform is not None:
+                raise ValueError(
+                    "LoHaConfig.layers_to_transform cannot be combined with a regex target_modules; "
+                    "put the layer indices into the regex instead"
+                )
+        for key, v in self.rank_pattern.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"LoHaConfig.rank_pattern[{key!r}] must be a positive int, got {v!r}")
+        for key, v in self.alpha_pattern.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"LoHaConfig.alpha_pattern[{key!r}] must be a positive number, got {v!r}")
+        if not isinstance(self.rank_dropout_scale, bool):
+            raise ValueError(f"LoHaConfig.rank_dropout_scale must be a bool, got {self.rank_dropout_scale!r}")
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict in the layout of PEFT's adapter_config.json."""
+        d = dataclasses.asdict(self)
+        if isinstance(d["target_modules"], list):
+            d["target_modules"] = sorted(d["target_modules"])
+        return d
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, strict: bool = False, source: str | None = None) -> "LoHaConfig":
+        """Build from a dict such as PEFT's adapter_config.json.
+
+        Keys that PEFT writes but lohakit does not use are ignored (with a warning when they
+        carry a value); any other unknown key raises a ``ValueError`` listing the valid keys.
+        A ``peft_type`` other than LOHA always raises.
+
+        Args:
+            data: The mapping.
+            strict: Also raise on PEFT-only keys that carry a value, instead of warning.
+            source: A file name to mention in messages.
+        """
+        where = f" in {source}" if source else ""
+        if not isinstance(data, dict):
+            raise ValueError(f"LoHa config{where} must be a JSON object, got {type(data).__name__}")
+        pt = data.get("peft_type", "LOHA")
+        if pt is not None and str(pt).upper() != "LOHA":
+            raise ValueError(f"LoHa config{where}: peft_type is {pt!r}, expected 'LOHA'")
+        known = set(cls.field_names())
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs["peft_type"] = "LOHA"
+        peft_only = sorted(k for k in data if k in _PEFT_ONLY_KEYS and data[k] not in (None, [], {}, ""))
+        unknown = sorted(k for k in data if k not in known and k not in _PEFT_BOOKKEEPING | _PEFT_ONLY_KEYS)
+        if unknown:
+            raise ValueError(f"LoHa config{where}: unknown key(s) {unknown}; valid keys are {sorted(known)}")
+        if peft_only:
+            if strict:
+                raise ValueError(f"LoHa config{where}: PEFT-only key(s) {peft_only} are not supported by lohakit")
+            logger.warning("LoHa config%s: PEFT-only key(s) %s are not supported by lohakit and were ignored", where, peft_only)
+        return cls(**kwargs)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def save_json(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+        """Write as JSON (``extra`` keys such as peft_version are merged in)."""
+        d = self.to_dict()
+        if extra:
+            d.update(extra)
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(d, fh, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike, *, strict: bool = False) -> "LoHaConfig":
+        """Read an adapter_config.json (PEFT's or ours)."""
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+        return cls.from_dict(data, strict=strict, source=str(path))

@@ -1,0 +1,541 @@
+"""The LoHa math, in one place: pure functions on tensors, no module state.
+
+One adapter on a layer with weight ``W`` of shape ``(out, in/groups, *k)``::
+
+    ΔW = s · (w1a @ w1b) ⊙ (w2a @ w2b),     s = alpha / r
+
+The factored identity used for the fast path::
+
+    (A1 B1) ⊙ (A2 B2) = P Q,   P = A1 ⊙_row A2  (out × r1·r2),   Q = B1 ⊙_col B2  (r1·r2 × in)
+
+so ``ΔW x = s · P (Q x)`` without ever forming the ``out × in`` matrix. Convolutions become a
+chain of convolutions (Q as a k-sized kernel, then a 1x1 conv with P; Tucker: 1x1, core, 1x1).
+
+Everything here is differentiable. Two custom autograd functions keep memory small:
+
+* :class:`HadaWeight` / :class:`HadaWeightTucker` build ΔW saving only the factors.
+* :class:`StageChain` runs the factored chain saving only its inputs (``x`` and the
+  ``r1·r2``-channel intermediates), never the product of the chain with a full weight.
+
+Factor tensors stay in their own dtype (float32 parameters); the chain runs in the input's
+dtype: the small factors are cast, the activations never are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "Geometry",
+    "HadaFactors",
+    "Stage",
+    "HadaWeight",
+    "HadaWeightTucker",
+    "StageChain",
+    "khatri_rao_rows",
+    "khatri_rao_cols",
+    "factor_shapes",
+    "delta_weight",
+    "factored_stages",
+    "apply_stages",
+    "apply_delta_weight",
+    "prefer_factored",
+    "rank_dropout_mask",
+    "loha_delta_forward",
+    "ComputePath",
+]
+
+ComputePath = Literal["auto", "factored", "materialised"]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What the math needs to know about a base layer.
+
+    Attributes:
+        out_features: Output features / channels.
+        in_features: Input features; for convolutions the input channels *per group*.
+        kernel_size: ``()`` for linear layers, ``(k,)``/``(kh, kw)``/``(kd, kh, kw)`` for convs.
+        stride, padding, dilation: Convolution parameters (empty for linear layers).
+        groups: Convolution groups.
+        transposed: True when the base weight is stored ``(in, out)`` (transformers' Conv1D).
+        padding_mode: nn.ConvNd's padding mode ('zeros', 'reflect', 'replicate', 'circular').
+    """
+
+    out_features: int
+    in_features: int
+    kernel_size: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    transposed: bool = False
+    padding_mode: str = "zeros"
+
+    @property
+    def ndim(self) -> int:
+        """0 for linear layers, else the number of spatial dimensions."""
+        return len(self.kernel_size)
+
+    @property
+    def kernel_numel(self) -> int:
+        return math.prod(self.kernel_size)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """ΔW shape in the (out, in, *k) orientation (before any Conv1D transpose)."""
+        return (self.out_features, self.in_features, *self.kernel_size)
+
+    @property
+    def flat_in(self) -> int:
+        """Columns of the flattened weight: in/groups · prod(k)."""
+        return self.in_features * self.kernel_numel
+
+
+class HadaFactors(NamedTuple):
+    """The factors of one LoHa adapter (PEFT's layout).
+
+    Flat (linear, or conv flattened): w1a/w2a ``(out, r)``, w1b/w2b ``(r, in/g·prod(k))``.
+    Tucker (``use_effective_conv2d``): w1a/w2a ``(r, out)``, w1b/w2b ``(r, in/g)``,
+    t1/t2 ``(r, r, *k)`` (PEFT stores Conv1d cores as ``(r, r, k, 1)``; accepted).
+    """
+
+    w1a: torch.Tensor
+    w1b: torch.Tensor
+    w2a: torch.Tensor
+    w2b: torch.Tensor
+    t1: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
+
+    @property
+    def tucker(self) -> bool:
+        return self.t1 is not None
+
+    @property
+    def ranks(self) -> tuple[int, int]:
+        return self.w1b.shape[0], self.w2b.shape[0]
+
+
+def factor_shapes(geom: Geometry, r: int, tucker: bool, conv1d_core_4d: bool = True) -> dict[str, tuple[int, ...]]:
+    """Shapes of the factor parameters for a layer, in PEFT's layout.
+
+    Args:
+        geom: The base layer's geometry.
+        r: Rank of both Hadamard branches.
+        tucker: Whether to use the Tucker (effective conv) form.
+        conv1d_core_4d: Store Conv1d Tucker cores as ``(r, r, k, 1)`` like PEFT does.
+    """
+    if not tucker:
+        return {
+            "hada_w1_a": (geom.out_features, r),
+            "hada_w1_b": (r, geom.flat_in),
+            "hada_w2_a": (geom.out_features, r),
+            "hada_w2_b": (r, geom.flat_in),
+        }
+    core = (r, r, *geom.kernel_size)
+    if geom.ndim == 1 and conv1d_core_4d:
+        core = (*core, 1)
+    return {
+        "hada_w1_a": (r, geom.out_features),
+        "hada_w1_b": (r, geom.in_features),
+        "hada_w2_a": (r, geom.out_features),
+        "hada_w2_b": (r, geom.in_features),
+        "hada_t1": core,
+        "hada_t2": core,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Khatri-Rao products
+# --------------------------------------------------------------------------------------------
+def khatri_rao_rows(a1: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
+    """Row-wise Khatri-Rao product: P[o, (i, j)] = a1[o, i] · a2[o, j].
+
+    Args:
+        a1: ``(out, r1)``.
+        a2: ``(out, r2)``.
+
+    Returns:
+        ``(out, r1·r2)``.
+    """
+    return (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1)  # (out, r1*r2)
+
+
+def khatri_rao_cols(b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """Column-wise Khatri-Rao product: Q[(i, j), c] = b1[i, c] · b2[j, c].
+
+    Args:
+        b1: ``(r1, n)``.
+        b2: ``(r2, n)``.
+
+    Returns:
+        ``(r1·r2, n)``.
+    """
+    return (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1])  # (r1*r2, n)
+
+
+# --------------------------------------------------------------------------------------------
+# Materialised ΔW with lean autograd (saves only the factors)
+# --------------------------------------------------------------------------------------------
+class HadaWeight(torch.autograd.Function):
+    """ΔW = s · (w1a @ w1b) ⊙ (w2a @ w2b); saves the factors, rebuilds the products in backward."""
+
+    @staticmethod
+    def forward(ctx, w1a, w1b, w2a, w2b, scale: float):  # type: ignore[override]
+        ctx.scale = scale
+        ctx.save_for_backward(w1a, w1b, w2a, w2b)
+        return (w1a @ w1b) * (w2a @ w2b) * scale  # (out, n)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        w1a, w1b, w2a, w2b = ctx.saved_tensors
+        grad = grad * ctx.scale
+        g1 = grad * (w2a @ w2b)  # dL/d(w1a@w1b), (out, n)
+        g2 = grad * (w1a @ w1b)  # dL/d(w2a@w2b), (out, n)
+        return g1 @ w1b.T, w1a.T @ g1, g2 @ w2b.T, w2a.T @ g2, None
+
+
+def _tucker_branch(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """W[o, c, *k] = Σ_{p,q} t[p, q, *k] · wa[p, o] · wb[q, c]."""
+    r1, r2 = t.shape[:2]
+    k = t.shape[2:]
+    tb = (wb.T @ t.transpose(0, 1).reshape(r2, -1)).reshape(-1, r1, *k)  # (c, p, *k)
+    w = wa.T @ tb.transpose(0, 1).reshape(r1, -1)  # (o, c·K)
+    return w.reshape(wa.shape[1], wb.shape[1], *k)  # (out, in, *k)
+
+
+class HadaWeightTucker(torch.autograd.Function):
+    """Tucker ΔW = s · W1 ⊙ W2 with W_i from :func:`_tucker_branch`; saves only the factors."""
+
+    @staticmethod
+    def forward(ctx, t1, w1a, w1b, t2, w2a, w2b, scale: float):  # type: ignore[override]
+        ctx.scale = scale
+        ctx.save_for_backward(t1, w1a, w1b, t2, w2a, w2b)
+        return _tucker_branch(t1, w1a, w1b) * _tucker_branch(t2, w2a, w2b) * scale
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        saved = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:6]
+        with torch.enable_grad():
+            t1, w1a, w1b, t2, w2a, w2b = (t.detach().requires_grad_(n) for t, n in zip(saved, needs))
+            grads = []
+            for t, wa, wb, other in ((t1, w1a, w1b, (t2, w2a, w2b)), (t2, w2a, w2b, (t1, w1a, w1b))):
+                if not any(x.requires_grad for x in (t, wa, wb)):
+                    grads.append((None, None, None))
+                    continue
+                with torch.no_grad():
+                    g = grad * _tucker_branch(*other) * ctx.scale  # dL/dW_i
+                branch = _tucker_branch(t, wa, wb)
+                inputs = [x for x in (t, wa, wb) if x.requires_grad]
+                got = iter(torch.autograd.grad(branch, inputs, g))
+                grads.append(tuple(next(got) if x.requires_grad else None for x in (t, wa, wb)))
+        (g_t1, g_w1a, g_w1b), (g_t2, g_w2a, g_w2b) = grads
+        return g_t1, g_w1a, g_w1b, g_t2, g_w2a, g_w2b, None
+
+
+def delta_weight(factors: HadaFactors, geom: Geometry, scale: float) -> torch.Tensor:
+    """The materialised ΔW in the base weight's orientation.
+
+    Args:
+        factors: The adapter's factors (any float dtype; the result has their dtype).
+        geom: Geometry of the base layer.
+        scale: s = alpha / r (times any multiplier).
+
+    Returns:
+        ``(out, in/g, *k)``, or ``(in, out)`` for a transposed (Conv1D) linear weight.
+    """
+    f = factors
+    if f.tucker:
+        k = geom.kernel_size
+        t1 = f.t1.reshape(*f.t1.shape[:2], *k)  # drop PEFT's trailing 1 of Conv1d cores
+        t2 = f.t2.reshape(*f.t2.shape[:2], *k)
+        w = HadaWeightTucker.apply(t1, f.w1a, f.w1b, t2, f.w2a, f.w2b, scale)
+    else:
+        w = HadaWeight.apply(f.w1a, f.w1b, f.w2a, f.w2b, scale)
+    w = w.reshape(geom.weight_shape)
+    return w.T if geom.transposed else w
+
+
+# --------------------------------------------------------------------------------------------
+# The factored chain
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    """One linear map of the factored chain.
+
+    ``ndim == 0``: ``h @ weightᵀ`` over the last axis. Else an N-d convolution with these
+    parameters, weight ``(c_out, c_in/groups, *k)``.
+    """
+
+    ndim: int = 0
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+
+    def forward(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.ndim == 0:
+            return F.linear(h, w)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self.ndim - 1]
+        return conv(h, w, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def backward(
+        self, g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, need_input: bool, need_weight: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.ndim == 0:
+            gh = g @ w if need_input else None  # (..., c_in)
+            gw = g.reshape(-1, g.shape[-1]).T @ h.reshape(-1, h.shape[-1]) if need_weight else None
+            return gh, gw
+        gh, gw, _ = torch.ops.aten.convolution_backward(
+            g, h, w, None, list(self.stride), list(self.padding), list(self.dilation),
+            False, [0] * self.ndim, self.groups, [need_input, need_weight, False],
+        )
+        return gh, gw
+
+
+class StageChain(torch.autograd.Function):
+    """y = base + stage_n(…stage_1(x, W_1)…, W_n), saving x and the intermediates only.
+
+    The intermediates have r1·r2 channels, so for a LoHa chain the saved memory is x (usually
+    already saved by the base layer) plus ``N × r²`` values per stage.
+    """
+
+    @staticmethod
+    def forward(ctx, x, base, stages: tuple[Stage, ...], *weights):  # type: ignore[override]
+        hs = [x]
+        for stage, w in zip(stages[:-1], weights[:-1]):
+            hs.append(stage.forward(hs[-1], w))
+        last, w_last = stages[-1], weights[-1]
+        if base is not None and last.ndim == 0:
+            h2 = hs[-1].reshape(-1, hs[-1].shape[-1])  # (N, r²)
+            out = torch.addmm(base.reshape(-1, base.shape[-1]), h2, w_last.T).reshape(base.shape)
+        else:
+            out = last.forward(hs[-1], w_last)
+            if base is not None:
+                out = out.add_(base)
+        ctx.stages = stages
+        ctx.has_base = base is not None
+        ctx.save_for_backward(*hs, *weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        stages = ctx.stages
+        n = len(stages)
+        saved = ctx.saved_tensors
+        hs, ws = saved[:n], saved[n:]
+        gw: list[torch.Tensor | None] = [None] * n
+        gh = g
+        for i in reversed(range(n)):
+            need_in = i > 0 or ctx.needs_input_grad[0]
+            gin, gw[i] = stages[i].backward(gh, hs[i], ws[i], need_in, ctx.needs_input_grad[3 + i])
+            gh = gin
+            if gh is None:
+                break
+        g_base = g if ctx.has_base and ctx.needs_input_grad[1] else None
+        return (gh, g_base, None, *gw)
+
+
+def apply_stages(
+    x: torch.Tensor, stages: Sequence[Stage], weights: Sequence[torch.Tensor], base: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Run a factored chain through :class:`StageChain` (adds into ``base`` when given)."""
+    return StageChain.apply(x, base, tuple(stages), *weights)
+
+
+def factored_stages(
+    factors: HadaFactors, geom: Geometry, out_scale: torch.Tensor | float, dtype: torch.dtype
+) -> tuple[list[Stage], list[torch.Tensor]]:
+    """Build the factored chain for one adapter.
+
+    Args:
+        factors: The adapter's factors (float32 parameters).
+        geom: Base layer geometry.
+        out_scale: Scalar s, or a per-output-channel vector ``(out,)`` (s · rank-dropout mask),
+            folded into the last stage's weight rows.
+        dtype: Compute dtype (the input's); factors are cast, activations are not.
+
+    Returns:
+        ``(stages, weights)`` for :func:`apply_stages`.
+    """
+    f = factors
+    out, g, d = geom.out_features, geom.groups, geom.ndim
+    ones = (1,) * d
+    scale_rows = out_scale[:, None] if torch.is_tensor(out_scale) and out_scale.dim() == 1 else out_scale
+    if not f.tucker:
+        q = khatri_rao_cols(f.w1b, f.w2b).to(dtype)  # (R, in/g·K)
+        p = (khatri_rao_rows(f.w1a, f.w2a) * scale_rows).to(dtype)  # (out, R)
+        R = q.shape[0]
+        if d == 0:
+            return [Stage(), Stage()], [q, p]
+        q = q.reshape(R, geom.in_features, *geom.kernel_size)  # (R, in/g, *k)
+        if g > 1:
+            q = q.repeat(g, *([1] * (d + 1)))  # (g·R, in/g, *k)
+        first = Stage(d, geom.stride, geom.padding, geom.dilation, g)
+        second = Stage(d, ones, (0,) * d, ones, g)
+        return [first, second], [q, p.reshape(out, R, *ones)]
+    # Tucker: 1x1 (Qb) -> k-conv (core) -> 1x1 (Pa)
+    k = geom.kernel_size
+    r1, r2 = f.t1.shape[0], f.t2.shape[0]
+    qb = khatri_rao_cols(f.w1b, f.w2b).to(dtype)  # (R, in/g)
+    pa = (khatri_rao_rows(f.w1a.T, f.w2a.T) * scale_rows).to(dtype)  # (out, R)
+    t1 = f.t1.reshape(r1, f.t1.shape[1], *k)
+    t2 = f.t2.reshape(r2, f.t2.shape[1], *k)
+    core = torch.einsum("pq...,PQ...->pPqQ...", t1, t2)  # (r1, r2, r1', r2', *k)
+    core = core.reshape(r1 * r2, -1, *k).to(dtype)  # (R, R, *k)
+    R = core.shape[0]
+    qb = qb.reshape(R, geom.in_features, *ones)
+    if g > 1:
+        qb = qb.repeat(g, *([1] * (d + 1)))
+        core = core.repeat(g, *([1] * (d + 1)))
+    stages = [
+        Stage(d, ones, (0,) * d, ones, g),
+        Stage(d, geom.stride, geom.padding, geom.dilation, g),
+        Stage(d, ones, (0,) * d, ones, g),
+    ]
+    return stages, [qb, core, pa.reshape(out, R, *ones)]
+
+
+def apply_delta_weight(x: torch.Tensor, dw: torch.Tensor, geom: Geometry) -> torch.Tensor:
+    """x through a materialised ΔW with the base layer's parameters (``dw`` as from delta_weight)."""
+    if geom.transposed:
+        dw = dw.T
+    return Stage(geom.ndim, geom.stride, geom.padding, geom.dilation, geom.groups).forward(x, dw)
+
+
+# --------------------------------------------------------------------------------------------
+# Cost model
+# --------------------------------------------------------------------------------------------
+#: Multiplier on the factored path's FLOP count before comparing (>1 favours materialising).
+#: Small matmuls run below peak, so factored FLOPs are slightly more expensive per FLOP.
+FACTORED_COST_BIAS = 1.5
+
+
+def prefer_factored(geom: Geometry, ranks: tuple[int, int], tucker: bool, n_out: int, n_in: int) -> bool:
+    """Whether the factored chain is cheaper than materialising ΔW for this call.
+
+    Forward FLOPs (backward scales both by about the same factor)::
+
+        materialised = 2·N·out·fan_in + 4·max(r)·out·fan_in        (conv + build ΔW)
+        factored     = 2·N·R·in·K + 2·N·out·R                       (flat, R = r1·r2)
+        factored     = 2·N_in·R·in + 2·N·R·R·K·g + 2·N·out·R         (Tucker)
+
+    Args:
+        geom: Base layer geometry.
+        ranks: (r1, r2).
+        tucker: Whether the adapter is in Tucker form.
+        n_out: Output positions (tokens, or batch·output pixels).
+        n_in: Input positions (for the Tucker 1x1 stage at input resolution).
+    """
+    r1, r2 = ranks
+    R = r1 * r2
+    K = geom.kernel_numel
+    g = geom.groups
+    dense = geom.out_features * geom.flat_in
+    materialised = 2 * n_out * dense + 4 * max(r1, r2) * dense
+    if tucker:
+        factored = 2 * n_in * R * geom.in_features * g + 2 * n_out * R * R * K * g + 2 * n_out * geom.out_features * R
+    else:
+        factored = 2 * n_out * R * geom.flat_in * g + 2 * n_out * geom.out_features * R
+    return factored * FACTORED_COST_BIAS < materialised
+
+
+# --------------------------------------------------------------------------------------------
+# Dropout helpers
+# --------------------------------------------------------------------------------------------
+def rank_dropout_mask(
+    n: int, p: float, rescale: bool, device: torch.device | str | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Bernoulli keep-mask over ΔW's output rows (float32, shape ``(n,)``).
+
+    Rows are kept with probability 1 - p; with ``rescale`` the mask is divided by its mean
+    (as PEFT does), except when every row dropped, where the all-zero mask is returned as is
+    (PEFT would divide by zero there).
+    """
+    keep = (torch.rand(n, generator=generator) > p).to(torch.float32)
+    if rescale:
+        mean = keep.mean()
+        if mean > 0:
+            keep = keep / mean
+    return keep.to(device) if device is not None else keep
+
+
+# --------------------------------------------------------------------------------------------
+# The one entry point layers call
+# --------------------------------------------------------------------------------------------
+def _positions(x: torch.Tensor, base_out: torch.Tensor, geom: Geometry) -> tuple[int, int]:
+    if geom.ndim == 0:
+        n = x.numel() // max(geom.in_features, 1)
+        return n, n
+    n_out = base_out.numel() // max(geom.out_features, 1)
+    n_in = x.numel() // max(geom.in_features * geom.groups, 1)
+    return n_out, n_in
+
+
+def loha_delta_forward(
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    factors: HadaFactors,
+    geom: Geometry,
+    scale: float,
+    row_mask: torch.Tensor | None = None,
+    path: ComputePath = "auto",
+) -> torch.Tensor:
+    """``base_out + ΔW·x`` for one adapter, by the cheaper of the two paths.
+
+    Args:
+        x: Layer input: ``(..., in)`` for linear layers, ``(B, C, *spatial)`` or unbatched
+            ``(C, *spatial)`` for convs.
+        base_out: The base layer's output for ``x`` (same dtype as the result).
+        factors: The adapter's factors.
+        geom: Base layer geometry.
+        scale: s = alpha / r.
+        row_mask: Optional ``(out,)`` rank-dropout mask over output channels.
+        path: ``"auto"`` (cost model), ``"factored"`` or ``"materialised"``.
+
+    Returns:
+        Tensor shaped like ``base_out``.
+    """
+    dtype = base_out.dtype
+    if path == "auto":
+        n_out, n_in = _positions(x, base_out, geom)
+        path = "factored" if prefer_factored(geom, factors.ranks, factors.tucker, n_out, n_in) else "materialised"
+    if path == "materialised" or not _chain_supported(geom):
+        dw = delta_weight(factors, geom, scale)  # float32, base orientation
+        if row_mask is not None:
+            shape = (1, -1) if geom.transposed else (-1, *[1] * (dw.dim() - 1))
+            dw = dw * row_mask.to(dw.device).view(shape)
+        x, geom = _prepad(x, geom)
+        return base_out + apply_delta_weight(x, dw.to(x.dtype), geom).to(dtype)
+    out_scale: torch.Tensor | float = scale
+    if row_mask is not None:
+        out_scale = row_mask.to(device=factors.w1a.device, dtype=factors.w1a.dtype) * scale
+    x, geom = _prepad(x, geom)
+    stages, weights = factored_stages(factors, geom, out_scale, dtype)
+    unbatched = geom.ndim > 0 and x.dim() == geom.ndim + 1
+    if unbatched:
+        x, base_out = x.unsqueeze(0), base_out.unsqueeze(0)
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    y = apply_stages(x, stages, weights, base_out)
+    return y.squeeze(0) if unbatched else y
+
+
+def _prepad(x: torch.Tensor, geom: Geometry) -> tuple[torch.Tensor, Geometry]:
+    """Apply a non-zero padding mode ('reflect', 'replicate', 'circular') explicitly, as nn.ConvNd does."""
+    if geom.padding_mode == "zeros" or geom.ndim == 0:
+        return x, geom
+    pads = [p for p in reversed(geom.padding) for _ in range(2)]
+    x = F.pad(x, pads, mode=geom.padding_mode)
+    return x, replace(geom, padding=(0,) * geom.ndim, padding_mode="zeros")
+
+
+def _chain_supported(geom: Geometry) -> bool:
+    """The chain needs integer padding (string paddings such as 'same' fall back)."""
+    return all(isinstance(p, int) for p in geom.padding)

@@ -1,0 +1,368 @@
+"""LoHa layers: thin ``nn.Module`` wrappers around a base layer. The math is in :mod:`functional`.
+
+One :class:`LoHaLayer` class serves every supported base type; what differs between types is
+only how their geometry is read (:data:`GEOMETRY_READERS`, a dict from base type to reader).
+The named subclasses (:class:`Linear`, :class:`Conv2d`, …) exist so that ``layers_mapping``
+reads like PEFT's and ``isinstance`` checks keep working.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from . import functional as Fn
+from .functional import ComputePath, Geometry, HadaFactors
+
+__all__ = ["LoHaLayer", "Linear", "Conv1d", "Conv2d", "Conv3d", "HFConv1D", "GEOMETRY_READERS", "supported_base_types"]
+
+ADAPTER_PARAM_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+
+
+# ------------------------------------------------------------------------------------------
+# Geometry readers: base type -> Geometry
+# ------------------------------------------------------------------------------------------
+def _linear_geometry(m: nn.Linear) -> Geometry:
+    return Geometry(out_features=m.out_features, in_features=m.in_features)
+
+
+def _hf_conv1d_geometry(m: nn.Module) -> Geometry:
+    # transformers' Conv1D (GPT-2): y = x @ W + b with W of shape (in, out)
+    n_in, n_out = m.weight.shape
+    return Geometry(out_features=n_out, in_features=n_in, transposed=True)
+
+
+def _conv_padding(m: nn.modules.conv._ConvNd) -> tuple[Any, ...]:
+    if isinstance(m.padding, str):
+        if m.padding == "valid":
+            return (0,) * len(m.kernel_size)
+        # 'same' (stride 1): symmetric only when every d·(k-1) is even, else the chain falls back
+        total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+        if all(t % 2 == 0 for t in total):
+            return tuple(t // 2 for t in total)
+        return (m.padding,) * len(m.kernel_size)
+    return tuple(m.padding)
+
+
+def _conv_geometry(m: nn.modules.conv._ConvNd) -> Geometry:
+    return Geometry(
+        out_features=m.out_channels,
+        in_features=m.in_channels // m.groups,
+        kernel_size=tuple(m.kernel_size),
+        stride=tuple(m.stride),
+        padding=_conv_padding(m),
+        dilation=tuple(m.dilation),
+        groups=m.groups,
+        padding_mode=m.padding_mode,
+    )
+
+
+GEOMETRY_READERS: dict[type, Callable[[Any], Geometry]] = {
+    nn.Linear: _linear_geometry,
+    nn.Conv1d: _conv_geometry,
+    nn.Conv2d: _conv_geometry,
+    nn.Conv3d: _conv_geometry,
+}
+
+
+def _hf_conv1d_type() -> type | None:
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None) if mod is not None else None
+
+
+def supported_base_types() -> dict[type, Callable[[Any], Geometry]]:
+    """The base types LoHa can wrap (transformers' Conv1D when transformers is imported)."""
+    readers = dict(GEOMETRY_READERS)
+    hf = _hf_conv1d_type()
+    if hf is not None:
+        readers[hf] = _hf_conv1d_geometry
+    return readers
+
+
+def geometry_of(base: nn.Module) -> Geometry | None:
+    """Geometry of a supported base layer (exact type first, then subclasses), else None."""
+    readers = supported_base_types()
+    reader = readers.get(type(base))
+    if reader is None:
+        reader = next((r for t, r in readers.items() if isinstance(base, t)), None)
+    return reader(base) if reader is not None else None
+
+
+# ------------------------------------------------------------------------------------------
+# The layer
+# ------------------------------------------------------------------------------------------
+class LoHaLayer(nn.Module):
+    """A base layer plus any number of named LoHa adapters.
+
+    Parameters live in one ``nn.ParameterDict`` per factor, keyed by adapter name, so the
+    state-dict keys read ``<path>.hada_w1_a.<adapter>`` as in PEFT.
+
+    Args:
+        base_layer: The wrapped layer (nn.Linear, nn.Conv1d/2d/3d, transformers Conv1D).
+        module_name: Its path in the model, for error messages.
+    """
+
+    adapter_layer_names = ADAPTER_PARAM_NAMES
+    other_param_names = ("r", "alpha", "scaling", "rank_dropout", "module_dropout", "rank_dropout_scale")
+
+    def __init__(self, base_layer: nn.Module, module_name: str = "") -> None:
+        super().__init__()
+        geom = geometry_of(base_layer)
+        if geom is None:
+            raise TypeError(
+                f"LoHa cannot wrap module {module_name or '<unnamed>'!r} of type {type(base_layer).__name__}; "
+                f"supported types: {sorted(t.__name__ for t in supported_base_types())}"
+            )
+        self.base_layer = base_layer
+        self.geometry = geom
+        self.module_name = module_name
+        for name in ADAPTER_PARAM_NAMES:
+            setattr(self, name, nn.ParameterDict())
+        self.r: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.rank_dropout: dict[str, float] = {}
+        self.module_dropout: dict[str, float] = {}
+        self.rank_dropout_scale: dict[str, bool] = {}
+        self._active_adapter: list[str] = []
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+        #: "auto" (cost model), "factored" or "materialised"; tests and benchmarks force one.
+        self.compute_path: ComputePath = "auto"
+
+    # ---------------------------------------------------------------- state
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.hada_w1_a.keys())
+
+    def factors(self, adapter_name: str) -> HadaFactors:
+        """The adapter's factor tensors as a :class:`~lohakit.functional.HadaFactors`."""
+        return HadaFactors(
+            self.hada_w1_a[adapter_name],
+            self.hada_w1_b[adapter_name],
+            self.hada_w2_a[adapter_name],
+            self.hada_w2_b[adapter_name],
+            self.hada_t1[adapter_name] if adapter_name in self.hada_t1 else None,
+            self.hada_t2[adapter_name] if adapter_name in self.hada_t2 else None,
+        )
+
+    def is_tucker(self, adapter_name: str) -> bool:
+        return adapter_name in self.hada_t1
+
+    # ---------------------------------------------------------------- adapters
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        alpha: float,
+        rank_dropout: float = 0.0,
+        module_dropout: float = 0.0,
+        init_weights: bool | str = True,
+        use_effective_conv2d: bool = False,
+        rank_dropout_scale: bool = True,
+        device: torch.device | str | None = None,
+        **_: Any,
+    ) -> None:
+        """Create (or re-create) adapter ``adapter_name`` on this layer.
+
+        Args:
+            adapter_name: Adapter key.
+            r: Rank; ``alpha / r`` is the scale.
+            alpha: Scale numerator.
+            rank_dropout, module_dropout: Training-time dropouts (see LoHaConfig).
+            init_weights: True (ΔW = 0), False (random) or "lycoris".
+            use_effective_conv2d: Tucker form for convs with kernel > 1.
+            rank_dropout_scale: Rescale the rank-dropout mask by its mean.
+            device: Where to create the factors (``"meta"`` for low_cpu_mem_usage);
+                default: the base weight's device.
+        """
+        if r <= 0:
+            raise ValueError(f"{self.module_name}: rank r must be positive, got {r}")
+        geom = self.geometry
+        tucker = bool(use_effective_conv2d) and geom.ndim > 0 and geom.kernel_numel > 1
+        shapes = Fn.factor_shapes(geom, r, tucker)
+        if device is None:
+            device = self.base_layer.weight.device
+        self._drop_params(adapter_name)
+        for name, shape in shapes.items():
+            getattr(self, name)[adapter_name] = nn.Parameter(torch.empty(shape, device=device, dtype=torch.float32))
+        self.r[adapter_name] = r
+        self.alpha[adapter_name] = alpha
+        self.scaling[adapter_name] = alpha / r
+        self.rank_dropout[adapter_name] = rank_dropout
+        self.module_dropout[adapter_name] = module_dropout
+        self.rank_dropout_scale[adapter_name] = rank_dropout_scale
+        if str(device) != "meta":
+            self.reset_adapter_parameters(adapter_name, init_weights)
+        self._refresh_requires_grad()
+
+    def reset_adapter_parameters(self, adapter_name: str, init_weights: bool | str = True) -> None:
+        """Initialise the factors: PEFT's init (ΔW = 0), all random, or LyCORIS' init."""
+        f = {name: getattr(self, name)[adapter_name] for name in ADAPTER_PARAM_NAMES if adapter_name in getattr(self, name)}
+        with torch.no_grad():
+            if init_weights == "lycoris":
+                nn.init.normal_(f["hada_w1_a"], std=0.1)
+                nn.init.normal_(f["hada_w1_b"], std=1.0)
+                nn.init.zeros_(f["hada_w2_a"])
+                nn.init.normal_(f["hada_w2_b"], std=1.0)
+                for t in ("hada_t1", "hada_t2"):
+                    if t in f:
+                        nn.init.normal_(f[t], std=0.1)
+                return
+            for name, p in f.items():
+                nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+            if init_weights:
+                nn.init.zeros_(f["hada_w2_b"])
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"{self.module_name}: adapter {adapter_name!r} is merged; unmerge it before deleting")
+        self._drop_params(adapter_name)
+        for d in (self.r, self.alpha, self.scaling, self.rank_dropout, self.module_dropout, self.rank_dropout_scale):
+            d.pop(adapter_name, None)
+        if adapter_name in self._active_adapter:
+            self._active_adapter = [a for a in self._active_adapter if a != adapter_name]
+            if not self._active_adapter and self.adapter_names:
+                self._active_adapter = [self.adapter_names[0]]
+        self._refresh_requires_grad()
+
+    def _drop_params(self, adapter_name: str) -> None:
+        for name in ADAPTER_PARAM_NAMES:
+            d = getattr(self, name)
+            if adapter_name in d:
+                del d[adapter_name]
+
+    def set_adapter(self, adapter_names: str | Iterable[str], trainable: bool = True) -> None:
+        """Make these adapters active (their deltas add); only active adapters are trainable."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._active_adapter = names
+        self._trainable = trainable
+        self._refresh_requires_grad()
+
+    def _refresh_requires_grad(self) -> None:
+        trainable = getattr(self, "_trainable", True)
+        for name in ADAPTER_PARAM_NAMES:
+            for key, p in getattr(self, name).items():
+                p.requires_grad_(trainable and key in self._active_adapter)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+
+    # ---------------------------------------------------------------- math
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """ΔW = s·(w1a@w1b)⊙(w2a@w2b) in the base weight's shape and layout, factor dtype."""
+        return Fn.delta_weight(self.factors(adapter_name), self.geometry, self.scaling[adapter_name])
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """W += ΔW (computed in float32, cast once to W's dtype) for each adapter not yet merged.
+
+        Args:
+            safe_merge: Compute the merged weight on a copy and refuse (ValueError, weights
+                untouched) if it is not finite.
+            adapter_names: Adapters to merge; default the active ones.
+        """
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        names = [n for n in names if n in self.hada_w1_a and n not in self.merged_adapters]
+        weight = self.base_layer.weight
+        for name in names:
+            with torch.no_grad():
+                delta = self.get_delta_weight(name).to(weight.dtype)
+                if safe_merge:
+                    merged = weight.data + delta
+                    if not torch.isfinite(merged).all():
+                        raise ValueError(
+                            f"{self.module_name}: merging adapter {name!r} gives non-finite weights; nothing merged"
+                        )
+                    weight.data.copy_(merged)
+                else:
+                    weight.data.add_(delta)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's ΔW, newest first."""
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            with torch.no_grad():
+                weight.data.sub_(self.get_delta_weight(name).to(weight.dtype))
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        previous_dtype = result.dtype
+        for name in self._active_adapter:
+            if name not in self.hada_w1_a:
+                continue
+            if self.training and self.module_dropout[name] > 0 and torch.rand(1).item() <= self.module_dropout[name]:
+                continue
+            mask = None
+            if self.training and self.rank_dropout[name] > 0:
+                mask = Fn.rank_dropout_mask(
+                    self.geometry.out_features, self.rank_dropout[name], self.rank_dropout_scale[name], x.device
+                )
+            result = Fn.loha_delta_forward(
+                x, result, self.factors(name), self.geometry, self.scaling[name], mask, self.compute_path
+            )
+        return result.to(previous_dtype)
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+    def __repr__(self) -> str:
+        return "loha." + super().__repr__()
+
+
+class Linear(LoHaLayer):
+    """LoHa on nn.Linear."""
+
+
+class Conv1d(LoHaLayer):
+    """LoHa on nn.Conv1d."""
+
+
+class Conv2d(LoHaLayer):
+    """LoHa on nn.Conv2d (flat or Tucker/effective form)."""
+
+
+class Conv3d(LoHaLayer):
+    """LoHa on nn.Conv3d."""
+
+
+class HFConv1D(LoHaLayer):
+    """LoHa on transformers' Conv1D (GPT-2 style, weight stored (in, out))."""

@@ -1,0 +1,501 @@
+"""LoHaModel: injects LoHa layers into a model and manages the adapters' lifecycle.
+
+The API mirrors PEFT's ``LoHaModel`` / ``PeftModel`` (add/set/delete adapters, merge, unload),
+so code written against PEFT keeps working. Every operation validates first and changes the
+model only when it can finish: a failed call leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import re
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.nn as nn
+
+from .config import LoHaConfig
+from .layers import Conv1d, Conv2d, Conv3d, HFConv1D, Linear, LoHaLayer, geometry_of, _hf_conv1d_type
+from .targets import DEFAULT_TARGET_MODULES, is_excluded, is_under_modules_to_save, matches_target, rank_and_alpha
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LoHaModel", "ModulesToSaveWrapper", "get_peft_model"]
+
+_ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+
+
+def _check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not name or ".." in name or "/" in name or "\\" in name or not _ADAPTER_NAME_RE.match(name):
+        raise ValueError(
+            f"invalid adapter name {name!r}: use letters, digits, '_' and '-' (no path separators or '..')"
+        )
+    if "." in name:
+        raise ValueError(f"invalid adapter name {name!r}: '.' would break parameter paths")
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained as a full copy per adapter (PEFT's ``modules_to_save``).
+
+    Holds ``original_module`` (frozen) and ``modules_to_save[adapter]`` (trainable copies);
+    calls go to the active adapter's copy, or to the original when adapters are disabled.
+    """
+
+    def __init__(self, module: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self._active: list[str] = []
+        self._disabled = False
+        self.add(adapter_name)
+        self.original_module.requires_grad_(False)
+
+    def add(self, adapter_name: str) -> None:
+        self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+        self.modules_to_save[adapter_name].requires_grad_(adapter_name in self._active)
+
+    def set_adapter(self, names: list[str], trainable: bool = True) -> None:
+        self._active = list(names)
+        for key, m in self.modules_to_save.items():
+            m.requires_grad_(trainable and key in self._active)
+
+    def active_module(self) -> nn.Module:
+        if self._disabled:
+            return self.original_module
+        for name in self._active:
+            if name in self.modules_to_save:
+                return self.modules_to_save[name]
+        return self.original_module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.active_module()(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save"):
+                raise
+            return getattr(self.original_module, name)
+
+
+class LoHaModel(nn.Module):
+    """A model with LoHa adapters (PEFT-compatible API).
+
+    Args:
+        model: The model to adapt (modified in place: target layers are wrapped).
+        config: The first adapter's configuration.
+        adapter_name: Its name.
+        low_cpu_mem_usage: Create the factors on the meta device (to be filled by a load).
+
+    Example:
+        >>> model = LoHaModel(base, LoHaConfig(r=8, target_modules=["q_proj", "v_proj"]))
+        >>> loss = model(**batch).loss; loss.backward()
+        >>> merged = model.merge_and_unload()
+    """
+
+    prefix: str = "hada_"
+    tuner_layer_cls = LoHaLayer
+    layers_mapping: dict[type[nn.Module], type[LoHaLayer]] = {
+        nn.Linear: Linear,
+        nn.Conv1d: Conv1d,
+        nn.Conv2d: Conv2d,
+        nn.Conv3d: Conv3d,
+    }
+    target_module_mapping = DEFAULT_TARGET_MODULES
+
+    def __init__(
+        self, model: nn.Module, config: LoHaConfig, adapter_name: str = "default", low_cpu_mem_usage: bool = False
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoHaConfig] = {}
+        self.active_adapter: str | list[str] = adapter_name
+        self.targeted_module_names: list[str] = []
+        self.inject_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+
+    # ------------------------------------------------------------------ plumbing
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.generate(*args, **kwargs)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        a = self.active_adapter
+        return [a] if isinstance(a, str) else list(a)
+
+    def loha_layers(self) -> Iterator[tuple[str, LoHaLayer]]:
+        """(path, layer) for every LoHa layer, paths relative to the wrapped model."""
+        for name, m in self.model.named_modules():
+            if isinstance(m, LoHaLayer):
+                yield name, m
+
+    def _wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+        for name, m in self.model.named_modules():
+            if isinstance(m, ModulesToSaveWrapper):
+                yield name, m
+
+    @classmethod
+    def _layer_class_for(cls, module: nn.Module) -> type[LoHaLayer] | None:
+        mapping = dict(cls.layers_mapping)
+        hf = _hf_conv1d_type()
+        if hf is not None:
+            mapping[hf] = HFConv1D
+        t = mapping.get(type(module))
+        if t is None:
+            t = next((v for k, v in mapping.items() if isinstance(module, k)), None)
+        return t
+
+    # ------------------------------------------------------------------ targets
+    def _resolve_config(self, config: LoHaConfig) -> LoHaConfig:
+        config = copy.deepcopy(config)
+        if config.target_modules is None:
+            model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+            if model_type not in self.target_module_mapping:
+                raise ValueError(
+                    "LoHaConfig.target_modules is None and there is no default for model_type "
+                    f"{model_type!r}; give target_modules (known defaults: {sorted(self.target_module_mapping)})"
+                )
+            config.target_modules = list(self.target_module_mapping[model_type])
+        return config
+
+    def _output_layer_names(self) -> set[str]:
+        names = {"lm_head"}
+        get_out = getattr(self.model, "get_output_embeddings", None)
+        if callable(get_out):
+            with contextlib.suppress(Exception):
+                out = get_out()
+                for n, m in self.model.named_modules():
+                    if out is not None and m is out:
+                        names.add(n)
+        return names
+
+    def _find_targets(self, config: LoHaConfig) -> list[tuple[str, nn.Module]]:
+        """Module paths to adapt, after every name and type rule; raises if nothing matches."""
+        skip_prefixes: list[str] = []
+        targets: list[tuple[str, nn.Module]] = []
+        all_linear = config.target_modules == "all-linear"
+        out_names = self._output_layer_names() if all_linear else set()
+        linear_types: tuple[type, ...] = (nn.Linear,) + ((_hf_conv1d_type(),) if _hf_conv1d_type() else ())
+        for name, module in self.model.named_modules():
+            if not name or any(name.startswith(p) for p in skip_prefixes):
+                continue
+            if isinstance(module, (LoHaLayer, ModulesToSaveWrapper)):
+                skip_prefixes.append(name + ".")
+            if all_linear:
+                base = module.base_layer if isinstance(module, LoHaLayer) else module
+                hit = (
+                    isinstance(base, linear_types)
+                    and name.split(".")[-1] not in out_names
+                    and name not in out_names
+                    and not is_excluded(config, name)
+                    and not is_under_modules_to_save(config, name)
+                )
+            else:
+                hit = matches_target(config, name)
+            if hit:
+                targets.append((name, module))
+        if not targets:
+            sample = [n for n, _ in self.model.named_modules() if n][:20]
+            raise ValueError(
+                f"target_modules {config.target_modules!r} matched no module of the model "
+                f"(exclude_modules={config.exclude_modules!r}, layers_to_transform={config.layers_to_transform!r}). "
+                f"Some module names: {sample}"
+            )
+        bad = [
+            (n, type(m).__name__)
+            for n, m in targets
+            if not isinstance(m, LoHaLayer) and self._layer_class_for(m) is None
+        ]
+        if bad:
+            supported = sorted(t.__name__ for t in self.layers_mapping) + (["Conv1D"] if _hf_conv1d_type() else [])
+            n, t = bad[0]
+            raise TypeError(
+                f"LoHa cannot adapt module {n!r} of type {t} (matched by target_modules); "
+                f"supported types: {supported}" + (f"; {len(bad) - 1} more unsupported matches" if len(bad) > 1 else "")
+            )
+        return targets
+
+    # ------------------------------------------------------------------ injection
+    def _create_and_replace(
+        self,
+        config: LoHaConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Add adapter ``adapter_name`` at ``current_key``: update an existing LoHa layer or wrap the module."""
+        r, alpha = rank_and_alpha(config, current_key)
+        kwargs = dict(
+            r=r,
+            alpha=alpha,
+            rank_dropout=config.rank_dropout,
+            module_dropout=config.module_dropout,
+            init_weights=config.init_weights,
+            use_effective_conv2d=config.use_effective_conv2d,
+            rank_dropout_scale=config.rank_dropout_scale,
+            device=device,
+        )
+        if isinstance(target, LoHaLayer):
+            target.update_layer(adapter_name, **kwargs)
+            return
+        cls = self._layer_class_for(target)
+        if cls is None:
+            raise TypeError(f"LoHa cannot adapt module {current_key!r} of type {type(target).__name__}")
+        new = cls(target, module_name=current_key)
+        new.set_adapter(self.active_adapters, trainable=not config.inference_mode)
+        new.update_layer(adapter_name, **kwargs)
+        setattr(parent, target_name, new)
+
+    def _parent(self, key: str) -> tuple[nn.Module, str]:
+        if "." in key:
+            parent_name, child = key.rsplit(".", 1)
+            return self.model.get_submodule(parent_name), child
+        return self.model, key
+
+    def inject_adapter(self, adapter_name: str, config: LoHaConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Validate, then add adapter ``adapter_name`` to every target (atomic: all or nothing)."""
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or choose another name")
+        if not isinstance(config, LoHaConfig):
+            raise TypeError(f"config must be a LoHaConfig, got {type(config).__name__}")
+        config.validate()
+        config = self._resolve_config(config)
+        first = not self.peft_config
+        if first:
+            for _, p in self.model.named_parameters():
+                p.requires_grad_(False)
+        targets = self._find_targets(config)
+        device = "meta" if low_cpu_mem_usage else None
+        replaced: list[tuple[nn.Module, str, nn.Module]] = []
+        updated: list[LoHaLayer] = []
+        try:
+            for key, module in targets:
+                parent, child = self._parent(key)
+                if isinstance(module, LoHaLayer):
+                    updated.append(module)
+                else:
+                    replaced.append((parent, child, module))
+                self._create_and_replace(config, adapter_name, module, child, parent, key, device=device)
+            self._add_modules_to_save(config, adapter_name)
+        except Exception:
+            for layer in updated:
+                layer.delete_adapter(adapter_name)
+            for parent, child, module in replaced:
+                setattr(parent, child, module)
+            raise
+        self.peft_config[adapter_name] = config
+        self.targeted_module_names = sorted({*self.targeted_module_names, *(k for k, _ in targets)})
+        self._apply_active()
+
+    def _add_modules_to_save(self, config: LoHaConfig, adapter_name: str) -> None:
+        for name in config.modules_to_save or []:
+            found = False
+            for key, module in list(self.model.named_modules()):
+                if not (key == name or key.endswith("." + name)):
+                    continue
+                if any(key.startswith(p + ".") for p, _ in self._wrappers()):
+                    continue
+                found = True
+                if isinstance(module, ModulesToSaveWrapper):
+                    module.add(adapter_name)
+                else:
+                    parent, child = self._parent(key)
+                    setattr(parent, child, ModulesToSaveWrapper(module, adapter_name))
+            if not found:
+                raise ValueError(f"modules_to_save entry {name!r} matched no module of the model")
+
+    def _apply_active(self) -> None:
+        names = self.active_adapters
+        for _, layer in self.loha_layers():
+            trainable = not any(self.peft_config[n].inference_mode for n in names if n in self.peft_config)
+            layer.set_adapter(names, trainable=trainable)
+        for _, w in self._wrappers():
+            trainable = not any(self.peft_config[n].inference_mode for n in names if n in self.peft_config)
+            w.set_adapter(names, trainable=trainable)
+
+    # ------------------------------------------------------------------ adapter lifecycle
+    def add_adapter(self, adapter_name: str, config: LoHaConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add another adapter (not activated; use :meth:`set_adapter`)."""
+        self.inject_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Activate one adapter or several (their deltas add)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        missing = [n for n in names if n not in self.peft_config]
+        if missing or not names:
+            raise ValueError(f"unknown adapter(s) {missing or names}; available: {sorted(self.peft_config)}")
+        if any(layer.merged for _, layer in self.loha_layers()):
+            logger.warning("set_adapter while adapters are merged: unmerging first")
+            self.unmerge_adapter()
+        self.active_adapter = names[0] if len(names) == 1 else names
+        self._apply_active()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter from every layer; a merged adapter must be unmerged first."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} does not exist; available: {sorted(self.peft_config)}")
+        merged_in = [n for n, layer in self.loha_layers() if adapter_name in layer.merged_adapters]
+        if merged_in:
+            raise ValueError(f"adapter {adapter_name!r} is merged into {merged_in[:5]}; unmerge_adapter() first")
+        for _, layer in self.loha_layers():
+            layer.delete_adapter(adapter_name)
+        for _, w in self._wrappers():
+            if adapter_name in w.modules_to_save:
+                del w.modules_to_save[adapter_name]
+        del self.peft_config[adapter_name]
+        remaining = [n for n in self.active_adapters if n != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
+        self._apply_active()
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context manager: run the base model (adapters and trained module copies off)."""
+        self._set_enabled(False)
+        try:
+            yield
+        finally:
+            self._set_enabled(True)
+
+    def _set_enabled(self, enabled: bool) -> None:
+        for _, layer in self.loha_layers():
+            layer.enable_adapters(enabled)
+        for _, w in self._wrappers():
+            w._disabled = not enabled
+
+    def enable_adapter_layers(self) -> None:
+        self._set_enabled(True)
+
+    def disable_adapter_layers(self) -> None:
+        self._set_enabled(False)
+
+    # ------------------------------------------------------------------ merging
+    def _check_names(self, adapter_names: list[str] | None) -> list[str] | None:
+        if adapter_names is None:
+            return None
+        missing = [n for n in adapter_names if n not in self.peft_config]
+        if missing:
+            raise ValueError(f"unknown adapter(s) {missing}; available: {sorted(self.peft_config)}")
+        return list(adapter_names)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Merge adapters (default: the active ones) into the base weights.
+
+        With ``safe_merge`` every merged weight is checked for finiteness first; on failure
+        nothing is merged anywhere and a ValueError names the module.
+        """
+        names = self._check_names(adapter_names)
+        layers = [layer for _, layer in self.loha_layers()]
+        if safe_merge:
+            for layer in layers:
+                for n in names if names is not None else layer.active_adapters:
+                    if n in layer.hada_w1_a and n not in layer.merged_adapters:
+                        with torch.no_grad():
+                            w = layer.base_layer.weight
+                            if not torch.isfinite(w + layer.get_delta_weight(n).to(w.dtype)).all():
+                                raise ValueError(
+                                    f"{layer.module_name}: merging adapter {n!r} gives non-finite weights; nothing merged"
+                                )
+        for layer in layers:
+            layer.merge(safe_merge=False, adapter_names=names)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.loha_layers():
+            layer.unmerge()
+
+    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        if merge:
+            self.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        else:
+            self.unmerge_adapter()
+        for key, layer in list(self.loha_layers()):
+            parent, child = self._parent(key)
+            setattr(parent, child, layer.base_layer)
+        for key, w in list(self._wrappers()):
+            parent, child = self._parent(key)
+            setattr(parent, child, w.active_module() if merge else w.original_module)
+        self.peft_config = {}
+        return self.model
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge adapters into the weights and return the plain base model."""
+        return self._unload(True, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the base model (weights as before)."""
+        return self._unload(False)
+
+    def get_delta_weight(self, module_name: str, adapter_name: str | None = None) -> torch.Tensor:
+        """ΔW of one adapted module (default: the first active adapter)."""
+        layer = self.model.get_submodule(module_name)
+        if not isinstance(layer, LoHaLayer):
+            raise ValueError(f"module {module_name!r} has no LoHa adapter")
+        adapter_name = adapter_name or self.active_adapters[0]
+        if adapter_name not in layer.hada_w1_a:
+            raise ValueError(f"module {module_name!r} has no adapter {adapter_name!r}")
+        return layer.get_delta_weight(adapter_name)
+
+    def set_compute_path(self, path: str) -> None:
+        """Force ``"factored"`` or ``"materialised"`` on every layer, or ``"auto"`` (cost model)."""
+        if path not in ("auto", "factored", "materialised"):
+            raise ValueError(f"compute path must be 'auto', 'factored' or 'materialised', got {path!r}")
+        for _, layer in self.loha_layers():
+            layer.compute_path = path  # type: ignore[assignment]
+
+    # ------------------------------------------------------------------ introspection
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters)."""
+        trainable = total = 0
+        seen: set[int] = set()
+        for p in self.model.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """The adapter's tensors keyed ``<module path>.hada_w1_a`` (and modules_to_save copies)."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        out: dict[str, torch.Tensor] = {}
+        for key, layer in self.loha_layers():
+            for pname in LoHaLayer.adapter_layer_names:
+                d = getattr(layer, pname)
+                if adapter_name in d:
+                    out[f"{key}.{pname}"] = d[adapter_name]
+        for key, w in self._wrappers():
+            if adapter_name in w.modules_to_save:
+                for n, t in w.modules_to_save[adapter_name].state_dict().items():
+                    out[f"{key}.{n}"] = t
+        return out
+
+
+def get_peft_model(model: nn.Module, config: LoHaConfig, adapter_name: str = "default", low_cpu_mem_usage: bool = False) -> LoHaModel:
+    """Wrap ``model`` with a LoHa adapter (PEFT's entry point)."""
+    return LoHaModel(model, config, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
