@@ -8,6 +8,7 @@ from .config import LoHaConfig
 from .functional import HadaFactors, Geometry, delta_weight
 from .layers import LoHaLayer
 from .model import LoHaModel, ModulesToSaveWrapper, get_peft_model
+from .io import LoHaFormatError, load_state_dict, save_state_dict
 
 __version__ = "0.1.0"
 
@@ -20,5 +21,8 @@ __all__ = [
     "HadaFactors",
     "Geometry",
     "delta_weight",
+    "LoHaFormatError",
+    "load_state_dict",
+    "save_state_dict",
     "__version__",
 ]

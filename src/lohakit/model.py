@@ -495,6 +495,33 @@ class LoHaModel(nn.Module):
                     out[f"{key}.{n}"] = t
         return out
 
+    # ------------------------------------------------------------------ PEFT directory format
+    # Thin delegates; the format, the checks and the rollback live in lohakit.formats.peft.
+    def save_pretrained(
+        self, save_directory: str, selected_adapters: list[str] | None = None, save_dtype: Any = None, **kwargs: Any
+    ) -> None:
+        """Write adapters as PEFT does (see :func:`lohakit.formats.peft.save_pretrained`)."""
+        from .formats import peft as peft_format
+
+        peft_format.save_pretrained(self, save_directory, selected_adapters=selected_adapters, save_dtype=save_dtype, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, model_id: str, adapter_name: str = "default", is_trainable: bool = False,
+        low_cpu_mem_usage: bool = False, **kwargs: Any,
+    ) -> "LoHaModel":
+        """Load a PEFT-format adapter onto ``model`` (see :func:`lohakit.formats.peft.from_pretrained`)."""
+        from .formats import peft as peft_format
+
+        return peft_format.from_pretrained(model, model_id, adapter_name, is_trainable, low_cpu_mem_usage, **kwargs)
+
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False, **kwargs: Any) -> None:
+        """Add a PEFT-format adapter (see :func:`lohakit.formats.peft.load_adapter`)."""
+        from .formats import peft as peft_format
+
+        peft_format.load_adapter(self, model_id, adapter_name, is_trainable, **kwargs)
+    # ------------------------------------------------------------------ end of PEFT directory format
+
 
 def get_peft_model(model: nn.Module, config: LoHaConfig, adapter_name: str = "default", low_cpu_mem_usage: bool = False) -> LoHaModel:
     """Wrap ``model`` with a LoHa adapter (PEFT's entry point)."""

@@ -1,0 +1,1 @@
+"""File formats: PEFT directories, kohya/LyCORIS single files."""
