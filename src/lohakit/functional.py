@@ -65,17 +65,20 @@ class Geometry:
         groups: Convolution groups.
         transposed: True when the base weight is stored ``(in, out)`` (transformers' Conv1D).
         padding_mode: nn.ConvNd's padding mode ('zeros', 'reflect', 'replicate', 'circular').
+        explicit_pad: For non-zero padding modes, the F.pad amounts (last dim first) that
+            nn.ConvNd applies before a convolution with no padding.
     """
 
     out_features: int
     in_features: int
     kernel_size: tuple[int, ...] = ()
     stride: tuple[int, ...] = ()
-    padding: tuple[int, ...] = ()
+    padding: tuple[int, ...] | str = ()
     dilation: tuple[int, ...] = ()
     groups: int = 1
     transposed: bool = False
     padding_mode: str = "zeros"
+    explicit_pad: tuple[int, ...] = ()
 
     @property
     def ndim(self) -> int:
@@ -349,6 +352,98 @@ def apply_stages(
     return StageChain.apply(x, base, tuple(stages), *weights)
 
 
+class FactoredLinear(torch.autograd.Function):
+    """Fused linear LoHa: ``y = base + (x Qᵀ) Pᵀ`` with P, Q built inside, one autograd node.
+
+    ``Q = B1 ⊙_col B2`` ``(R, in)`` and ``P = S ⊙_rows (A1 ⊙_row A2)`` ``(out, R)``, R = r1·r2,
+    S the per-row output scale (s, or s · rank-dropout mask). Compared with building P and Q
+    out of autograd ops and running :class:`StageChain` (about ten graph nodes and five
+    ``(out|in) × R`` temporaries per call), this records one node, builds P and Q once per call
+    from the factors cast to the compute dtype (the ``N × in`` activations are never cast),
+    saves only ``x`` and ``h = x Qᵀ`` (``N × R``) besides the factors, rebuilds P, Q in backward
+    (``(in + out) · R`` multiplies, negligible) and adds into ``base`` with one ``addmm``.
+
+    Backward, with G = dL/dy ``(N, out)``::
+
+        dP = Gᵀ h,  dh = G P,  dQ = dhᵀ x,  dx = dh Q
+        dA1[o,i] = S[o] Σ_j dP[o,(i,j)] A2[o,j]      dA2[o,j] = S[o] Σ_i dP[o,(i,j)] A1[o,i]
+        dB1[i,c] = Σ_j dQ[(i,j),c] B2[j,c]           dB2[j,c] = Σ_i dQ[(i,j),c] B1[i,c]
+
+    Factor gradients come back in the factors' dtype (float32 master weights).
+    """
+
+    @staticmethod
+    def forward(ctx, x, base, w1a, w1b, w2a, w2b, out_scale):  # type: ignore[override]
+        dtype = x.dtype
+        q = khatri_rao_cols(w1b, w2b).to(dtype)  # (R, in)
+        kr = khatri_rao_rows(w1a, w2a)  # (out, R), factor dtype
+        p = (kr * _as_rows(out_scale)).to(dtype)  # (out, R)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        h = x2 @ q.T  # (N, R)
+        if base is None:
+            out = (h @ p.T).reshape(*x.shape[:-1], p.shape[0])  # (..., out)
+        else:
+            out = torch.addmm(base.reshape(-1, base.shape[-1]), h, p.T).reshape(base.shape)  # (..., out)
+        ctx.has_base = base is not None
+        ctx.scalar_scale = None if torch.is_tensor(out_scale) else out_scale
+        scale_t = out_scale if torch.is_tensor(out_scale) else None
+        ctx.save_for_backward(x, h, w1a, w1b, w2a, w2b, scale_t)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, h, w1a, w1b, w2a, w2b, scale_t = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        out_scale = ctx.scalar_scale if scale_t is None else scale_t
+        dtype = x.dtype
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        rows = _as_rows(out_scale)
+        q = khatri_rao_cols(w1b, w2b).to(dtype)  # (R, in)
+        p = (khatri_rao_rows(w1a, w2a) * rows).to(dtype)  # (out, R)
+        g_x = g_w1a = g_w1b = g_w2a = g_w2b = None
+        r1, r2 = w1b.shape[0], w2b.shape[0]
+        if need[2] or need[4]:
+            dkr = (g2.T @ h).to(w1a.dtype) * rows  # (out, R): dP, scaled back onto the KR rows
+            dkr = dkr.view(-1, r1, r2)  # (out, r1, r2)
+            if need[2]:
+                g_w1a = torch.bmm(dkr, w2a.unsqueeze(-1)).squeeze(-1)  # (out, r1)
+            if need[4]:
+                g_w2a = torch.bmm(dkr.transpose(1, 2), w1a.unsqueeze(-1)).squeeze(-1)  # (out, r2)
+        if need[0] or need[3] or need[5]:
+            dh = g2 @ p  # (N, R)
+            if need[0]:
+                g_x = (dh @ q).reshape(x.shape)  # (..., in)
+            if need[3] or need[5]:
+                dq = (dh.T @ x.reshape(-1, x.shape[-1])).to(w1b.dtype).view(r1, r2, -1)  # (r1, r2, in)
+                if need[3]:
+                    g_w1b = (dq * w2b.unsqueeze(0)).sum(1)  # (r1, in)
+                if need[5]:
+                    g_w2b = (dq * w1b.unsqueeze(1)).sum(0)  # (r2, in)
+        g_base = g if ctx.has_base and need[1] else None
+        return g_x, g_base, g_w1a, g_w1b, g_w2a, g_w2b, None
+
+
+def _as_rows(out_scale: torch.Tensor | float) -> torch.Tensor | float:
+    """A per-row scale vector ``(out,)`` as a column ``(out, 1)``; scalars pass through."""
+    return out_scale[:, None] if torch.is_tensor(out_scale) and out_scale.dim() == 1 else out_scale
+
+
+def factored_linear_nograd(
+    x: torch.Tensor, base: torch.Tensor, q: torch.Tensor, p: torch.Tensor, inplace: bool = False
+) -> torch.Tensor:
+    """``base + (x Qᵀ) Pᵀ`` with prepared P ``(out, R)`` and Q ``(R, in)``, no autograd.
+
+    With ``inplace`` (the caller owns ``base``) the product is accumulated into ``base`` by
+    ``addmm_``, so no second ``N × out`` tensor is allocated.
+    """
+    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+    h = x2 @ q.T  # (N, R)
+    if inplace and base.is_contiguous():
+        base.view(-1, base.shape[-1]).addmm_(h, p.T)  # (N, out), in place
+        return base
+    return torch.addmm(base.reshape(-1, base.shape[-1]), h, p.T).reshape(base.shape)  # (..., out)
+
+
 def factored_stages(
     factors: HadaFactors, geom: Geometry, out_scale: torch.Tensor | float, dtype: torch.dtype
 ) -> tuple[list[Stage], list[torch.Tensor]]:
@@ -531,11 +626,10 @@ def _prepad(x: torch.Tensor, geom: Geometry) -> tuple[torch.Tensor, Geometry]:
     """Apply a non-zero padding mode ('reflect', 'replicate', 'circular') explicitly, as nn.ConvNd does."""
     if geom.padding_mode == "zeros" or geom.ndim == 0:
         return x, geom
-    pads = [p for p in reversed(geom.padding) for _ in range(2)]
-    x = F.pad(x, pads, mode=geom.padding_mode)
+    x = F.pad(x, list(geom.explicit_pad), mode=geom.padding_mode)
     return x, replace(geom, padding=(0,) * geom.ndim, padding_mode="zeros")
 
 
 def _chain_supported(geom: Geometry) -> bool:
-    """The chain needs integer padding (string paddings such as 'same' fall back)."""
-    return all(isinstance(p, int) for p in geom.padding)
+    """The chain needs integer padding (an asymmetric 'same' padding falls back)."""
+    return not isinstance(geom.padding, str)

@@ -36,7 +36,7 @@ def _hf_conv1d_geometry(m: nn.Module) -> Geometry:
     return Geometry(out_features=n_out, in_features=n_in, transposed=True)
 
 
-def _conv_padding(m: nn.modules.conv._ConvNd) -> tuple[Any, ...]:
+def _conv_padding(m: nn.modules.conv._ConvNd) -> tuple[int, ...] | str:
     if isinstance(m.padding, str):
         if m.padding == "valid":
             return (0,) * len(m.kernel_size)
@@ -44,7 +44,7 @@ def _conv_padding(m: nn.modules.conv._ConvNd) -> tuple[Any, ...]:
         total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
         if all(t % 2 == 0 for t in total):
             return tuple(t // 2 for t in total)
-        return (m.padding,) * len(m.kernel_size)
+        return m.padding  # type: ignore[return-value]
     return tuple(m.padding)
 
 
@@ -58,6 +58,7 @@ def _conv_geometry(m: nn.modules.conv._ConvNd) -> Geometry:
         dilation=tuple(m.dilation),
         groups=m.groups,
         padding_mode=m.padding_mode,
+        explicit_pad=tuple(m._reversed_padding_repeated_twice) if m.padding_mode != "zeros" else (),
     )
 
 
