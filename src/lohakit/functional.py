@@ -37,6 +37,7 @@ __all__ = [
     "HadaWeight",
     "HadaWeightTucker",
     "StageChain",
+    "FactoredLinear",
     "khatri_rao_rows",
     "khatri_rao_cols",
     "factor_shapes",
@@ -512,7 +513,9 @@ def apply_delta_weight(x: torch.Tensor, dw: torch.Tensor, geom: Geometry) -> tor
 FACTORED_COST_BIAS = 1.5
 
 
-def prefer_factored(geom: Geometry, ranks: tuple[int, int], tucker: bool, n_out: int, n_in: int) -> bool:
+def prefer_factored(
+    geom: Geometry, ranks: tuple[int, int], tucker: bool, n_out: int, n_in: int, build_delta: bool = True
+) -> bool:
     """Whether the factored chain is cheaper than materialising ΔW for this call.
 
     Forward FLOPs (backward scales both by about the same factor)::
@@ -527,13 +530,14 @@ def prefer_factored(geom: Geometry, ranks: tuple[int, int], tucker: bool, n_out:
         tucker: Whether the adapter is in Tucker form.
         n_out: Output positions (tokens, or batch·output pixels).
         n_in: Input positions (for the Tucker 1x1 stage at input resolution).
+        build_delta: Count the cost of building ΔW (False when a cached ΔW is reused).
     """
     r1, r2 = ranks
     R = r1 * r2
     K = geom.kernel_numel
     g = geom.groups
     dense = geom.out_features * geom.flat_in
-    materialised = 2 * n_out * dense + 4 * max(r1, r2) * dense
+    materialised = 2 * n_out * dense + (4 * max(r1, r2) * dense if build_delta else 0)
     if tucker:
         factored = 2 * n_in * R * geom.in_features * g + 2 * n_out * R * R * K * g + 2 * n_out * geom.out_features * R
     else:
@@ -581,6 +585,8 @@ def loha_delta_forward(
     scale: float,
     row_mask: torch.Tensor | None = None,
     path: ComputePath = "auto",
+    cache: dict | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """``base_out + ΔW·x`` for one adapter, by the cheaper of the two paths.
 
@@ -593,14 +599,35 @@ def loha_delta_forward(
         scale: s = alpha / r.
         row_mask: Optional ``(out,)`` rank-dropout mask over output channels.
         path: ``"auto"`` (cost model), ``"factored"`` or ``"materialised"``.
+        cache: Inference only. A dict owned by the caller in which the prepared, detached
+            weights (P and Q, the conv chain's weights, or ΔW) are kept between calls; the
+            caller must clear it whenever a factor, the scale or the dtype changes (the layer
+            keys it on the factors' version counters). Ignored when a gradient is recorded
+            for the factors or a ``row_mask`` is given, and while ``torch.compile`` traces.
+        inplace: The caller owns ``base_out``: when no gradient is recorded, accumulate into
+            it instead of allocating a second output tensor.
 
     Returns:
         Tensor shaped like ``base_out``.
     """
     dtype = base_out.dtype
+    # No autograd graph is needed (inference, or frozen factors and inputs): skip the autograd
+    # Function, optionally reuse the caller's cache and accumulate into base_out in place.
+    if not _records_grad(x, base_out, factors):
+        if cache is not None and (row_mask is not None or _is_compiling()):
+            cache = None
+        return _delta_forward_nograd(x, base_out, factors, geom, scale, row_mask, path, cache, inplace)
     if path == "auto":
         n_out, n_in = _positions(x, base_out, geom)
         path = "factored" if prefer_factored(geom, factors.ranks, factors.tucker, n_out, n_in) else "materialised"
+    if path == "factored" and geom.ndim == 0 and not factors.tucker:
+        # Linear layers: the fused single-node autograd (see FactoredLinear).
+        out_scale_l: torch.Tensor | float = scale
+        if row_mask is not None:
+            out_scale_l = row_mask.to(device=factors.w1a.device, dtype=factors.w1a.dtype) * scale
+        xl = x if x.dtype == dtype else x.to(dtype)
+        f = factors
+        return FactoredLinear.apply(xl, base_out, f.w1a, f.w1b, f.w2a, f.w2b, out_scale_l)
     if path == "materialised" or not _chain_supported(geom):
         dw = delta_weight(factors, geom, scale)  # float32, base orientation
         if row_mask is not None:
@@ -620,6 +647,84 @@ def loha_delta_forward(
         x = x.to(dtype)
     y = apply_stages(x, stages, weights, base_out)
     return y.squeeze(0) if unbatched else y
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+def _records_grad(x: torch.Tensor, base_out: torch.Tensor, factors: HadaFactors) -> bool:
+    """Whether autograd would record this call (grad mode on and some input requires grad)."""
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or base_out.requires_grad or any(t is not None and t.requires_grad for t in factors)
+
+
+def _delta_forward_nograd(
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    factors: HadaFactors,
+    geom: Geometry,
+    scale: float,
+    row_mask: torch.Tensor | None,
+    path: ComputePath,
+    cache: dict | None,
+    inplace: bool,
+) -> torch.Tensor:
+    """:func:`loha_delta_forward` when no gradient is recorded (see there for the arguments).
+
+    The cache holds, per kind: ``"linear"`` (Q, P) cast to the compute dtype with the scale
+    folded into P; ``"chain"`` (stages, weights) for convolutions; ``"delta"`` ΔW cast. With a
+    cached ΔW the cost model drops the build term (it is paid once), see :func:`prefer_factored`.
+    """
+    dtype = base_out.dtype
+    if path == "auto":
+        n_out, n_in = _positions(x, base_out, geom)
+        path = "factored" if prefer_factored(
+            geom, factors.ranks, factors.tucker, n_out, n_in, build_delta=cache is None
+        ) else "materialised"
+    out_scale: torch.Tensor | float = scale
+    if row_mask is not None:
+        out_scale = row_mask.to(device=factors.w1a.device, dtype=factors.w1a.dtype) * scale
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    if path == "materialised" or not _chain_supported(geom):
+        dw = cache.get("delta") if cache is not None else None
+        if dw is None:
+            dw = delta_weight(factors, geom, scale)  # float32, base orientation
+            if row_mask is not None:
+                shape = (1, -1) if geom.transposed else (-1, *[1] * (dw.dim() - 1))
+                dw = dw * row_mask.to(dw.device).view(shape)
+            dw = dw.to(dtype)
+            if cache is not None:
+                cache["delta"] = dw
+        xp, g2 = _prepad(x, geom)
+        y = apply_delta_weight(xp, dw, g2).to(dtype)
+        return base_out.add_(y) if inplace else base_out + y
+    if geom.ndim == 0 and not factors.tucker:
+        qp = cache.get("linear") if cache is not None else None
+        if qp is None:
+            f = factors
+            q = khatri_rao_cols(f.w1b, f.w2b).to(dtype)  # (R, in)
+            p = (khatri_rao_rows(f.w1a, f.w2a) * _as_rows(out_scale)).to(dtype)  # (out, R)
+            qp = (q, p)
+            if cache is not None:
+                cache["linear"] = qp
+        return factored_linear_nograd(x, base_out, qp[0], qp[1], inplace)
+    xp, g2 = _prepad(x, geom)
+    chain = cache.get("chain") if cache is not None else None
+    if chain is None:
+        chain = factored_stages(factors, g2, out_scale, dtype)
+        if cache is not None:
+            cache["chain"] = chain
+    stages, weights = chain
+    unbatched = xp.dim() == geom.ndim + 1
+    h = xp.unsqueeze(0) if unbatched else xp
+    for stage, w in zip(stages, weights):
+        h = stage.forward(h, w)
+    h = h.squeeze(0) if unbatched else h
+    return base_out.add_(h) if inplace else base_out + h
 
 
 def _prepad(x: torch.Tensor, geom: Geometry) -> tuple[torch.Tensor, Geometry]:

@@ -134,6 +134,8 @@ class LoHaLayer(nn.Module):
         self._disable_adapters = False
         #: "auto" (cost model), "factored" or "materialised"; tests and benchmarks force one.
         self.compute_path: ComputePath = "auto"
+        #: Inference cache: adapter -> (key, prepared weights); see :meth:`_eval_cache_for`.
+        self._eval_cache: dict[str, tuple[tuple, dict]] = {}
 
     # ---------------------------------------------------------------- state
     def get_base_layer(self) -> nn.Module:
@@ -216,6 +218,7 @@ class LoHaLayer(nn.Module):
         if device is None:
             device = self.base_layer.weight.device
         self._drop_params(adapter_name)
+        self.clear_eval_cache()
         for name, shape in shapes.items():
             getattr(self, name)[adapter_name] = nn.Parameter(torch.empty(shape, device=device, dtype=torch.float32))
         self.r[adapter_name] = r
@@ -231,6 +234,7 @@ class LoHaLayer(nn.Module):
     def reset_adapter_parameters(self, adapter_name: str, init_weights: bool | str = True) -> None:
         """Initialise the factors: PEFT's init (ΔW = 0), all random, or LyCORIS' init."""
         f = {name: getattr(self, name)[adapter_name] for name in ADAPTER_PARAM_NAMES if adapter_name in getattr(self, name)}
+        self.clear_eval_cache()
         with torch.no_grad():
             if init_weights == "lycoris":
                 nn.init.normal_(f["hada_w1_a"], std=0.1)
@@ -250,6 +254,7 @@ class LoHaLayer(nn.Module):
         if adapter_name in self.merged_adapters:
             raise ValueError(f"{self.module_name}: adapter {adapter_name!r} is merged; unmerge it before deleting")
         self._drop_params(adapter_name)
+        self.clear_eval_cache()
         for d in (self.r, self.alpha, self.scaling, self.rank_dropout, self.module_dropout, self.rank_dropout_scale):
             d.pop(adapter_name, None)
         if adapter_name in self._active_adapter:
@@ -269,6 +274,7 @@ class LoHaLayer(nn.Module):
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         self._active_adapter = names
         self._trainable = trainable
+        self.clear_eval_cache()
         self._refresh_requires_grad()
 
     def _refresh_requires_grad(self) -> None:
@@ -295,6 +301,7 @@ class LoHaLayer(nn.Module):
         """
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         names = [n for n in names if n in self.hada_w1_a and n not in self.merged_adapters]
+        self.clear_eval_cache()
         weight = self.base_layer.weight
         for name in names:
             with torch.no_grad():
@@ -313,6 +320,7 @@ class LoHaLayer(nn.Module):
     def unmerge(self) -> None:
         """Subtract every merged adapter's ΔW, newest first."""
         weight = self.base_layer.weight
+        self.clear_eval_cache()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():
@@ -327,6 +335,9 @@ class LoHaLayer(nn.Module):
         if self.merged:
             return result
         previous_dtype = result.dtype
+        # The base output is ours to accumulate into, unless a forward hook on the base layer
+        # may have kept a reference to it.
+        owns_result = not self.base_layer._forward_hooks
         for name in self._active_adapter:
             if name not in self.hada_w1_a:
                 continue
@@ -337,10 +348,43 @@ class LoHaLayer(nn.Module):
                 mask = Fn.rank_dropout_mask(
                     self.geometry.out_features, self.rank_dropout[name], self.rank_dropout_scale[name], x.device
                 )
+            factors = self.factors(name)
+            cache = None if self.training else self._eval_cache_for(name, factors, result)
             result = Fn.loha_delta_forward(
-                x, result, self.factors(name), self.geometry, self.scaling[name], mask, self.compute_path
+                x, result, factors, self.geometry, self.scaling[name], mask, self.compute_path,
+                cache=cache, inplace=owns_result,
             )
+            owns_result = True
         return result.to(previous_dtype)
+
+    # ---------------------------------------------------------------- inference cache
+    def _eval_cache_for(self, name: str, factors: HadaFactors, result: torch.Tensor) -> dict | None:
+        """The cache dict for adapter ``name`` in eval mode, emptied if anything it depends on changed.
+
+        The key holds, per factor, the Parameter's identity, storage pointer and autograd
+        version counter (bumped by every in-place write: optimizer steps, ``copy_``,
+        ``load_state_dict``), plus the scale, compute dtype, device and compute path. Writes
+        through ``param.data`` bypass the version counter: call :meth:`clear_eval_cache` after
+        those. Not used while ``torch.compile`` traces (the guards would recompile per step).
+        """
+        if Fn._is_compiling() or result.device.type == "meta":
+            return None
+        key = (
+            self.scaling[name],
+            result.dtype,
+            result.device,
+            self.compute_path,
+            tuple((id(t), t.data_ptr(), t._version) for t in factors if t is not None),
+        )
+        entry = self._eval_cache.get(name)
+        if entry is None or entry[0] != key:
+            entry = (key, {})
+            self._eval_cache[name] = entry
+        return entry[1]
+
+    def clear_eval_cache(self) -> None:
+        """Drop every cached inference weight (done automatically on merge, adapter changes, …)."""
+        self._eval_cache.clear()
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"
