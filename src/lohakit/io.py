@@ -129,9 +129,10 @@ def _load_pickle_bytes(data: bytes, path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(_io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        detail = next((ln.strip() for ln in str(e).splitlines() if "unsupported" in ln.lower() or "global" in ln.lower()), "")
         raise UnsafeFileError(
             f"{path}: refused to load: the pickle holds objects other than tensors and plain containers "
-            f"(torch.load(weights_only=True) said: {str(e).splitlines()[0] if str(e) else type(e).__name__}). "
+            f"(torch.load(weights_only=True) refused it{': ' + detail if detail else ''}). "
             "Convert the file to safetensors with a tool you trust."
         ) from None
     except MemoryError:

@@ -115,7 +115,7 @@ def _check_name(name: str, what: str = "adapter name") -> None:
     try:
         _check_adapter_name(name)
     except ValueError as e:
-        raise AdapterNameError(f"{what}: {e}") from None
+        raise AdapterNameError(str(e) if what == "adapter name" else f"{what}: {e}") from None
 
 
 def _check_subfolder(subfolder: str | None) -> None:
@@ -411,13 +411,18 @@ def check_adapter_tensors(
             first = slots[sorted(missing)[0]]
             parts.append(
                 f"{len(missing)} tensor(s) the config in {config_path} requires are missing: {_listing(missing)} "
-                f"(e.g. {first.key!r} for {first.reason}, shape {first.shape})"
+                f"(e.g. {KEY_PREFIX + first.key!r} for {first.reason}, shape {first.shape})"
             )
         if unexpected:
             hint = ""
             if any(re.search(r"\.hada_\w+\.[^.]+$", k) for k in unexpected):
                 hint = " (keys ending in an adapter name look like a raw model state_dict, not PEFT's adapter file)"
-            parts.append(f"{len(unexpected)} unexpected tensor(s) the config does not produce: {_listing(unexpected)}{hint}")
+            modules = sorted({slot.module_path for slot in slots.values()})
+            parts.append(
+                f"{len(unexpected)} unexpected tensor(s) the config does not produce: {_listing(unexpected)}{hint}; "
+                f"the config in {config_path} covers modules {modules[:_MAX_LISTED]}"
+                + (f" and {len(modules) - _MAX_LISTED} more" if len(modules) > _MAX_LISTED else "")
+            )
         raise StateDictMismatchError(f"{wp}: " + "; ".join(parts))
     nonfinite: list[str] = []
     for key, slot in slots.items():
