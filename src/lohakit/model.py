@@ -277,11 +277,12 @@ class LoHaModel(nn.Module):
             raise TypeError(f"config must be a LoHaConfig, got {type(config).__name__}")
         config.validate()
         config = self._resolve_config(config)
-        first = not self.peft_config
-        if first:
-            for _, p in self.model.named_parameters():
-                p.requires_grad_(False)
         targets = self._find_targets(config)
+        self._check_modules_to_save(config)
+        grad_flags = {id(p): p.requires_grad for p in self.model.parameters()}
+        if not self.peft_config:  # the base model is frozen once, when the first adapter arrives
+            for p in self.model.parameters():
+                p.requires_grad_(False)
         device = "meta" if low_cpu_mem_usage else None
         replaced: list[tuple[nn.Module, str, nn.Module]] = []
         updated: list[LoHaLayer] = []
@@ -299,10 +300,19 @@ class LoHaModel(nn.Module):
                 layer.delete_adapter(adapter_name)
             for parent, child, module in replaced:
                 setattr(parent, child, module)
+            for p in self.model.parameters():
+                if id(p) in grad_flags:
+                    p.requires_grad_(grad_flags[id(p)])
             raise
         self.peft_config[adapter_name] = config
         self.targeted_module_names = sorted({*self.targeted_module_names, *(k for k, _ in targets)})
         self._apply_active()
+
+    def _check_modules_to_save(self, config: LoHaConfig) -> None:
+        names = [k for k, _ in self.model.named_modules()]
+        for name in config.modules_to_save or []:
+            if not any(k == name or k.endswith("." + name) for k in names):
+                raise ValueError(f"modules_to_save entry {name!r} matched no module of the model")
 
     def _add_modules_to_save(self, config: LoHaConfig, adapter_name: str) -> None:
         for name in config.modules_to_save or []:
