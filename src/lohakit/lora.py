@@ -306,6 +306,7 @@ def lora_kohya_state_dict(
     exports_by_prefix: Mapping[str, Mapping[str, LoraExport]],
     dtype: torch.dtype | None = torch.float16,
     names: Mapping[str, Mapping[str, str]] | None = None,
+    models: Mapping[str, nn.Module] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """kohya LoRA tensors (``lora_down.weight`` = A, ``lora_up.weight`` = B, ``alpha`` = rank) and metadata.
 
@@ -314,14 +315,17 @@ def lora_kohya_state_dict(
             already are kohya module names (exports from a kohya state dict).
         dtype: Storage dtype.
         names: Per prefix ``{module path: kohya name}`` overrides (e.g. SDXL's SGM names).
+        models: Optional prefix -> model, for legacy name prefixes (CLIPTextModel's
+            ``text_model`` under transformers 5).
     """
-    from .formats.kohya import kohya_name
+    from .formats.kohya import kohya_name, legacy_path_prefix
 
     sd: dict[str, torch.Tensor] = {}
     ranks: list[int] = []
     for prefix, exports in exports_by_prefix.items():
+        legacy = legacy_path_prefix(models[prefix]) if models and prefix in models else ""
         for path, e in exports.items():
-            name = (names or {}).get(prefix, {}).get(path) or (kohya_name(prefix, path) if prefix else path)
+            name = (names or {}).get(prefix, {}).get(path) or (kohya_name(prefix, legacy + path) if prefix else path)
             if f"{name}.alpha" in sd:
                 raise ValueError(f"two modules get the kohya name {name!r}")
             cast = (lambda t: t.detach().cpu().to(dtype).contiguous()) if dtype is not None else (lambda t: t.detach().cpu().contiguous())
@@ -342,8 +346,18 @@ def save_lora_kohya(
     dtype: torch.dtype | None = torch.float16,
     metadata: Mapping[str, str] | None = None,
     names: Mapping[str, Mapping[str, str]] | None = None,
+    models: Mapping[str, nn.Module] | None = None,
 ) -> dict[str, str]:
-    """Write a kohya LoRA ``.safetensors`` (ComfyUI, A1111 and diffusers' ``load_lora_weights`` read it)."""
+    """Write a kohya LoRA ``.safetensors`` (ComfyUI, A1111 and diffusers' ``load_lora_weights`` read it).
+
+    Args:
+        path: Output file.
+        exports_by_prefix: prefix -> {module path: export} (from :func:`to_lora`).
+        dtype: Storage dtype (default float16).
+        metadata: Extra header entries (strings).
+        names: Per prefix ``{module path: kohya name}`` overrides (e.g. SDXL's SGM names).
+        models: Optional prefix -> model (legacy name prefixes, see :func:`lora_kohya_state_dict`).
+    """
     from .formats.kohya import _atomic_save
 
     path = os.fspath(path)
@@ -353,7 +367,7 @@ def save_lora_kohya(
     bad = [k for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str)]
     if bad:
         raise ValueError(f"save_lora_kohya: metadata keys and values must be strings; offending keys: {bad}")
-    sd, meta = lora_kohya_state_dict(exports_by_prefix, dtype, names)
+    sd, meta = lora_kohya_state_dict(exports_by_prefix, dtype, names, models)
     meta.update(extra)
     _atomic_save(sd, path, meta)
     return meta

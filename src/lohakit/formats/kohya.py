@@ -46,6 +46,7 @@ __all__ = [
     "KohyaLoadReport",
     "kohya_name",
     "kohya_name_table",
+    "legacy_path_prefix",
     "read_kohya_file",
     "load_kohya",
     "save_kohya",
@@ -94,6 +95,21 @@ def _adaptable_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
             yield path, m
 
 
+#: Model classes whose kohya names carry a path level that newer library versions dropped:
+#: transformers 5 removed ``text_model`` from CLIPTextModel, but every SD file names its text
+#: encoder modules ``lora_te_text_model_encoder_…``. Such models answer to both names and are
+#: saved under the legacy one.
+_LEGACY_PATH_PREFIX: dict[str, tuple[str, str]] = {"CLIPTextModel": ("text_model", "text_model.")}
+
+
+def legacy_path_prefix(model: nn.Module) -> str:
+    """The path prefix kohya files use for ``model`` but its module tree lacks (usually "")."""
+    rule = _LEGACY_PATH_PREFIX.get(type(model).__name__)
+    if rule is None or hasattr(model, rule[0]):
+        return ""
+    return rule[1]
+
+
 def kohya_name_table(
     models: Mapping[str, nn.Module], name_tables: NameTables | None = None
 ) -> dict[str, list[tuple[str, str]]]:
@@ -110,10 +126,13 @@ def kohya_name_table(
     table: dict[str, list[tuple[str, str]]] = {}
     for prefix, model in models.items():
         model = _unwrap(model)
+        legacy = legacy_path_prefix(model)
         paths = set()
         for path, _ in _adaptable_modules(model):
             paths.add(path)
             table.setdefault(kohya_name(prefix, path), []).append((prefix, path))
+            if legacy:
+                table.setdefault(kohya_name(prefix, legacy + path), []).append((prefix, path))
         for name, path in (name_tables or {}).get(prefix, {}).items():
             if path in paths and (prefix, path) not in table.get(name, []):
                 table.setdefault(name, []).append((prefix, path))
@@ -587,7 +606,8 @@ def kohya_state_dict(
     for prefix, path, layer in _loha_layers(models):
         if adapter_name not in layer.hada_w1_a:
             continue
-        name = (names or {}).get(prefix, {}).get(path) or kohya_name(prefix, path)
+        legacy = legacy_path_prefix(_unwrap(models[prefix]))
+        name = (names or {}).get(prefix, {}).get(path) or kohya_name(prefix, legacy + path)
         if name in owner:
             raise ValueError(f"modules {owner[name]!r} and {prefix}:{path!r} both get the kohya name {name!r}")
         owner[name] = f"{prefix}:{path}"
@@ -783,7 +803,8 @@ def peft_to_kohya(
         peft_directory: Folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
         path: Output ``.safetensors``.
         prefix: kohya prefix for the model (``lora_unet``, ``lora_te``, …).
-        model: Optional; only used to find Conv1d layers.
+        model: Optional; used to find Conv1d layers and legacy name prefixes (CLIPTextModel's
+            ``text_model`` under transformers 5).
         dtype: Storage dtype.
         metadata: Extra header entries (strings).
         names: ``{module path: kohya name}`` overrides (SDXL's SGM names).
@@ -843,7 +864,9 @@ def peft_to_kohya(
                 conv_k = geom is not None and geom.ndim > 0 and geom.kernel_numel > 1
             except AttributeError:
                 pass
-        entries.append(_Entry((names or {}).get(mpath) or kohya_name(prefix, mpath), tensors, r, float(alpha), conv_k, tucker))
+        legacy = legacy_path_prefix(_unwrap(model)) if model is not None else ""
+        name = (names or {}).get(mpath) or kohya_name(prefix, legacy + mpath)
+        entries.append(_Entry(name, tensors, r, float(alpha), conv_k, tucker))
     out_path = os.fspath(path)
     if not out_path.endswith(".safetensors"):
         raise ValueError(f"peft_to_kohya: {out_path!r} must end with .safetensors")
