@@ -231,6 +231,8 @@ def test_selected_adapters_and_rename(tmp_path):
     lm = loha_save(net(), NET_CONFIGS["flat"], tmp_path / "all", extra={"other": OTHER})
     lm.save_pretrained(str(tmp_path / "sel"), selected_adapters=["other"])
     assert [p.name for p in (tmp_path / "sel").iterdir()] == ["other"]
+    with pytest.raises(lio.AdapterNotFoundError, match=r"subfolders \['other'\]"):
+        LoHaModel.from_pretrained(net(), str(tmp_path / "sel"))
     # loaded under another name, the adapter is the same
     fresh = LoHaModel.from_pretrained(net(), str(tmp_path / "sel" / "other"), adapter_name="style")
     theirs = adapter_tensors(lm, "other")

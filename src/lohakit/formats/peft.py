@@ -170,7 +170,9 @@ def resolve_adapter(
     if local.is_dir():
         cfg = local / ADAPTER_CONFIG_NAME
         if not cfg.is_file():
-            raise AdapterNotFoundError(f"{local}: no {ADAPTER_CONFIG_NAME} in this directory")
+            nested = sorted(p.parent.name for p in local.glob(f"*/{ADAPTER_CONFIG_NAME}"))
+            hint = f"; adapters found in subfolders {nested} (pass subfolder=...)" if nested else ""
+            raise AdapterNotFoundError(f"{local}: no {ADAPTER_CONFIG_NAME} in this directory{hint}")
         for name in (SAFETENSORS_WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
             if (local / name).is_file():
                 return AdapterSource(cfg, local / name, f"directory {local}")
