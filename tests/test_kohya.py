@@ -395,3 +395,25 @@ def test_save_errors(tmp_path, sd1_models):
         save_kohya(str(target), {"lora_unet": lm}, adapter_name="nope")
     assert target.read_bytes() == b"old"
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_load_into_loha_model_registers_adapter(tmp_path, sd1_models):
+    """A LoHaModel given as target learns the adapter: set_adapter / delete_adapter work on it."""
+    unet0, _ = sd1_models
+    src = _adapted_unet(unet0, tucker=False)
+    path = str(tmp_path / "style.safetensors")
+    save_kohya(path, {"lora_unet": src}, dtype=torch.float32)
+    style_only = unet_out(src.model)
+
+    lm = LoHaModel(copy.deepcopy(unet0), LoHaConfig(r=2, target_modules=["to_k"], init_weights=False))
+    mine_only = unet_out(lm.model)
+    load_kohya(path, {"lora_unet": lm}, adapter_name="style")
+    assert set(lm.peft_config) == {"default", "style"} and lm.active_adapters == ["default", "style"]
+    cfg = lm.peft_config["style"]
+    assert cfg.r == 3 and cfg.alpha == 5 and cfg.inference_mode and any("conv_in" in k for k in cfg.rank_pattern)
+    lm.set_adapter("style")
+    torch.testing.assert_close(unet_out(lm.model), style_only, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="already exists"):
+        load_kohya(path, {"lora_unet": lm}, adapter_name="style")
+    lm.delete_adapter("style")
+    torch.testing.assert_close(unet_out(lm.model), mine_only, atol=ATOL, rtol=0)

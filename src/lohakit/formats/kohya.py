@@ -446,6 +446,9 @@ def load_kohya(
             for p in planned
             if isinstance(m := _unwrap(models[p.prefix]).get_submodule(p.path), LoHaLayer) and adapter_name in m.hada_w1_a
         ]
+        from ..model import LoHaModel
+
+        clash += [f"{prefix} (LoHaModel)" for prefix, m in models.items() if isinstance(m, LoHaModel) and adapter_name in m.peft_config]
         if clash:
             raise ValueError(f"adapter {adapter_name!r} already exists on {clash[:5]}; choose another adapter_name")
     report = KohyaLoadReport(adapter_name=None if merge else adapter_name, merged=merge, metadata=metadata)
@@ -480,10 +483,50 @@ def load_kohya(
             layer.set_adapter([*keep, adapter_name], trainable=trainable)
             if layer is not module:
                 _install(model, p.path, layer)
+        _register_in_loha_models(models, planned, adapter_name)
     report.matched = {p.name: f"{p.prefix}:{p.path}" for p in planned}
     if unused:
         logger.info("%s: %d key(s) not applied, e.g. %s", label, len(unused), unused[:3])
     return report
+
+
+def _config_for(planned: list[_Planned], **extra: Any) -> "LoHaConfig":
+    """A LoHaConfig describing these modules: most common r/alpha, exact-path patterns for the rest."""
+    from ..config import LoHaConfig
+
+    tucker = [p.path for p in planned if p.tucker]
+    flat_k = [p.path for p in planned if not p.tucker and p.geometry.ndim > 0 and p.geometry.kernel_numel > 1]
+    if tucker and flat_k:
+        raise ValueError(
+            f"the file mixes Tucker convs ({tucker[:3]}) with flat k>1 convs ({flat_k[:3]}); PEFT's "
+            "use_effective_conv2d is one switch for all convs, so it has no LoHaConfig/PEFT form"
+        )
+    r, rank_pattern = _patterns_from({p.path: p.r for p in planned})
+    alpha, alpha_pattern = _patterns_from({p.path: p.alpha for p in planned})
+    return LoHaConfig(
+        r=int(r), alpha=alpha, target_modules=sorted(p.path for p in planned), rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern, use_effective_conv2d=bool(tucker), **extra,
+    )
+
+
+def _register_in_loha_models(models: Mapping[str, nn.Module], planned: list[_Planned], adapter_name: str) -> None:
+    """Make a LoHaModel given in ``models`` know the loaded adapter (peft_config, active adapters)."""
+    from ..model import LoHaModel
+
+    for prefix, m in models.items():
+        if not isinstance(m, LoHaModel):
+            continue
+        mine = [p for p in planned if p.prefix == prefix]
+        if not mine:
+            continue
+        try:
+            m.peft_config[adapter_name] = _config_for(mine, inference_mode=True)
+        except ValueError:
+            # no single LoHaConfig describes the file (mixed Tucker/flat convs); layers still work
+            logger.warning("adapter %r: the file has no LoHaConfig form; it is not registered in the LoHaModel", adapter_name)
+            continue
+        m.targeted_module_names = sorted({*m.targeted_module_names, *(p.path for p in mine)})
+        m.active_adapter = [*m.active_adapters, adapter_name]
 
 
 def _loha_layers(models: Mapping[str, nn.Module]) -> Iterable[tuple[str, str, LoHaLayer]]:
@@ -744,20 +787,10 @@ def kohya_to_peft(
         raise ValueError(f"{label}: {len(unused)} key(s) would be left out (strict=True): {unused[:10]}")
     if not planned:
         raise ValueError(f"{label}: no LoHa module of the file fits the model under prefix {prefix!r}")
-    tucker = [p.path for p in planned if p.tucker]
-    flat_k = [p.path for p in planned if not p.tucker and p.geometry.ndim > 0 and p.geometry.kernel_numel > 1]
-    if tucker and flat_k:
-        raise ValueError(
-            f"{label}: mixes Tucker convs ({tucker[:3]}) with flat k>1 convs ({flat_k[:3]}); PEFT's "
-            "use_effective_conv2d is one switch for all convs, so this file has no PEFT form"
-        )
-    r, rank_pattern = _patterns_from({p.path: p.r for p in planned})
-    alpha, alpha_pattern = _patterns_from({p.path: p.alpha for p in planned})
-    config = LoHaConfig(
-        r=int(r), alpha=alpha, target_modules=sorted(p.path for p in planned), rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern, use_effective_conv2d=bool(tucker), inference_mode=True,
-        base_model_name_or_path=base_model_name_or_path,
-    )
+    try:
+        config = _config_for(planned, inference_mode=True, base_model_name_or_path=base_model_name_or_path)
+    except ValueError as e:
+        raise ValueError(f"{label}: {e}") from None
     tensors: dict[str, torch.Tensor] = {}
     names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
     for p in planned:
