@@ -304,6 +304,8 @@ def _bad(sd: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
         del sd[f"{q}.hada_w2_b"]
     elif kind == "dora":
         sd[f"{q}.dora_scale"] = torch.ones(32, 1)
+    elif kind == "dora_shape":
+        sd[f"{q}.dora_scale"] = torch.ones(5, 1)
     elif kind == "rank_mismatch":
         sd[f"{q}.hada_w2_a"] = torch.zeros(32, 2)
         sd[f"{q}.hada_w2_b"] = torch.zeros(2, 32)
@@ -320,7 +322,8 @@ BAD = {
     "wrong_shape": r"hada_w1_a: shape \(31, 3\) does not fit module 'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q'",
     "alpha_shape": r"attn1_to_q.alpha: expected a 0-dim tensor, got shape \(3\)",
     "missing_key": r"missing key\(s\) \['lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.hada_w2_b'\]",
-    "dora": r"dora_scale.*attn1_to_q.dora_scale",
+    "dora": r"supported only when merging.*attn1_to_q.dora_scale",
+    "dora_shape": r"attn1_to_q.dora_scale",
     "rank_mismatch": "branch ranks differ",
     "tucker_on_linear": "linear layer",
     "nan": "NaN",
@@ -336,7 +339,7 @@ def test_bad_files_raise_and_leave_models_untouched(tmp_path, sd1_models, kind):
     save_file(bad, path)
     unet, te = copy.deepcopy(unet0), copy.deepcopy(te0)
     before = state_of(unet, te)
-    for merge in (False, True):
+    for merge in (False,) if kind == "dora" else (False, True):  # DoHa files do merge (tested below)
         with pytest.raises(ValueError, match=BAD[kind]):
             load_kohya(path, {"lora_unet": unet, "lora_te": te}, merge=merge)
         assert same_state(state_of(unet, te), before)
@@ -417,3 +420,64 @@ def test_load_into_loha_model_registers_adapter(tmp_path, sd1_models):
         load_kohya(path, {"lora_unet": lm}, adapter_name="style")
     lm.delete_adapter("style")
     torch.testing.assert_close(unet_out(lm.model), mine_only, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("on_out", [True, False], ids=["wd_on_out", "wd_on_in"])
+def test_doha_file_merges_like_lycoris(tmp_path, on_out):
+    """Weight-decomposed LoHa (dora_scale) from lycoris-lora: merge=True equals LyCORIS' runtime and the formula."""
+    from lycoris import create_lycoris
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 7)
+            self.conv = nn.Conv2d(4, 6, 3, padding=1)
+
+    torch.manual_seed(0)
+    base = Net()
+    hooked = copy.deepcopy(base)
+    net = create_lycoris(hooked, 1.0, linear_dim=3, linear_alpha=2.0, algo="loha", conv_dim=2, conv_alpha=3.0,
+                         dora_wd=True, wd_on_output=on_out, warn_on_unmatched=False)
+    net.apply_to()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for lora in net.loras:
+            for n, p in lora.named_parameters():
+                if n != "dora_scale":
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+                else:
+                    p.mul_(1.0 + 0.2 * torch.rand(p.shape, generator=gen))
+    path = str(tmp_path / "doha.safetensors")
+    net.save_weights(path, torch.float32, None)
+    sd = load_file(path)
+    assert sd["lycoris_fc.dora_scale"].shape == ((7, 1) if on_out else (1, 8))
+
+    mult = 0.6
+    live = copy.deepcopy(base)
+    before = state_of(live)
+    with pytest.raises(ValueError, match="supported only when merging"):
+        load_kohya(path, {"lycoris": live}, multiplier=mult)
+    assert same_state(state_of(live), before)
+    merged = copy.deepcopy(base)
+    load_kohya(path, {"lycoris": merged}, multiplier=mult, merge=True)
+
+    for lora in net.loras:
+        lora.multiplier = mult
+    x_fc, x_conv = torch.randn(2, 8), torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(merged.fc(x_fc), hooked.fc(x_fc), atol=ATOL, rtol=0)
+        torch.testing.assert_close(merged.conv(x_conv), hooked.conv(x_conv), atol=ATOL, rtol=0)
+        # the formula, written out: W' = (W + ΔW)·(m·(s/‖W + ΔW‖ − 1) + 1), norm over the non-magnitude axes
+        ref = copy.deepcopy(base)
+        for name in ("fc", "conv"):
+            g = {k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith(f"lycoris_{name}.")}
+            w = getattr(ref, name).weight
+            from sd_tiny import reference_delta
+
+            v = w.double() + reference_delta(g, w.shape, 1.0)
+            dims = [d for d in range(v.ndim) if d != (0 if on_out else 1)]
+            norm = v.pow(2).sum(dim=dims, keepdim=True).sqrt()
+            v = v * (mult * (g["dora_scale"].double() / norm - 1) + 1)
+            w.copy_(v.float())
+        torch.testing.assert_close(merged.fc.weight, ref.fc.weight, atol=ATOL, rtol=0)
+        torch.testing.assert_close(merged.conv.weight, ref.conv.weight, atol=ATOL, rtol=0)

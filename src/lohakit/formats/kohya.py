@@ -226,6 +226,9 @@ class _Planned:
     alpha: float
     tucker: bool
     geometry: Geometry
+    #: DoHa magnitude (float32, broadcastable to the weight) and its axis: True = per output row.
+    dora_scale: torch.Tensor | None = None
+    dora_on_out: bool = True
 
 
 def _fmt(shape: Iterable[int]) -> str:
@@ -309,7 +312,27 @@ def _plan_module(
     for t in factors:
         if t is not None and not torch.isfinite(t).all():
             raise ValueError(f"kohya module {name!r}: factors contain NaN or inf")
-    return _Planned(name, prefix, path, factors, r, alpha, tucker, geom)
+    planned = _Planned(name, prefix, path, factors, r, alpha, tucker, geom)
+    if "dora_scale" in g:
+        m = g["dora_scale"]
+        w_shape = geom.weight_shape
+        ones = [1] * (len(w_shape) - 1)
+        on_out, on_in = (w_shape[0], *ones), (1, w_shape[1], *ones[1:])
+        if geom.transposed:
+            raise ValueError(f"kohya key {name}.dora_scale: weight decomposition on transposed (Conv1D) layers is not supported")
+        if tuple(m.shape) == on_out:
+            planned.dora_on_out = True
+        elif tuple(m.shape) == on_in:
+            planned.dora_on_out = False
+        else:
+            raise ValueError(
+                f"kohya key {name}.dora_scale: shape {_fmt(m.shape)} does not fit module {path!r}; expected "
+                f"{_fmt(on_out)} (per output channel) or {_fmt(on_in)} (per input channel)"
+            )
+        if not torch.isfinite(m).all():
+            raise ValueError(f"kohya key {name}.dora_scale: contains NaN or inf")
+        planned.dora_scale = m.detach().float()
+    return planned
 
 
 def _plan(
@@ -318,6 +341,7 @@ def _plan(
     tucker_t1_for_both: bool,
     name_tables: NameTables | None,
     label: str,
+    allow_dora: bool = False,
 ) -> tuple[list[_Planned], list[str], list[str]]:
     """Validate a whole file; returns (planned modules, unused keys, unmatched module names)."""
     if not models:
@@ -333,9 +357,10 @@ def _plan(
             f"e.g. 'lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a'); first keys: {sample}"
         )
     dora = sorted(f"{n}.dora_scale" for n, g in groups.items() if "dora_scale" in g)
-    if dora:
+    if dora and not allow_dora:
         raise ValueError(
-            f"{label}: weight-decomposed LoHa (DoHa, 'dora_scale' keys) is not supported yet; "
+            f"{label}: weight-decomposed LoHa (DoHa, 'dora_scale' keys) is supported only when merging "
+            f"(load_kohya(..., merge=True)), not as a live adapter or a PEFT conversion; "
             f"keys: {dora[:5]}{f' and {len(dora) - 5} more' if len(dora) > 5 else ''}"
         )
     table = kohya_name_table(models, name_tables)
@@ -410,6 +435,8 @@ def load_kohya(
         multiplier: Strength; folded into each layer's scaling (not into alpha).
         adapter_name: Name of the live adapter (must not exist yet on the targets).
         merge: Add ΔW to the base weights (float32 math, cast once) instead of a live adapter.
+            Weight-decomposed files (``dora_scale``, DoHa) load only this way, merged as
+            LyCORIS defines it (see :func:`_doha_merged`).
         strict: Raise if any key of the file is not applied.
         tucker_t1_for_both: Use ``hada_t1`` as the core of both branches (LyCORIS <= 1.9.0 files).
         name_tables: Extra names per prefix ``{kohya name: module path}`` (SDXL's SGM names).
@@ -419,7 +446,7 @@ def load_kohya(
 
     Raises:
         ValueError: Unknown key layout, missing keys, shapes that do not fit, bad alpha, dora
-            keys, ambiguous names, an existing adapter name, or (strict) unused keys. Nothing is
+            keys without ``merge=True``, ambiguous names, an existing adapter name, or (strict) unused keys. Nothing is
             applied when it raises.
     """
     from ..model import _check_adapter_name
@@ -429,7 +456,7 @@ def load_kohya(
     if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not math.isfinite(multiplier):
         raise ValueError(f"load_kohya: multiplier must be a finite number, got {multiplier!r}")
     sd, metadata, label = read_kohya_file(path_or_state_dict)
-    planned, unused, unmatched = _plan(sd, models, tucker_t1_for_both, name_tables, label)
+    planned, unused, unmatched = _plan(sd, models, tucker_t1_for_both, name_tables, label, allow_dora=merge)
     if strict and unused:
         raise ValueError(
             f"{label}: {len(unused)} key(s) would not be applied (strict=True): {unused[:10]}"
@@ -458,8 +485,11 @@ def load_kohya(
         for p in planned:  # compute every ΔW before touching any weight
             module = _unwrap(models[p.prefix]).get_submodule(p.path)
             weight = module.weight
-            delta = Fn.delta_weight(p.factors, p.geometry, multiplier * p.alpha / p.r)
-            deltas.append((weight, delta.to(device=weight.device, dtype=weight.dtype)))
+            if p.dora_scale is not None:
+                delta = _doha_merged(weight, p, multiplier) - weight.detach().float()
+            else:
+                delta = Fn.delta_weight(p.factors, p.geometry, multiplier * p.alpha / p.r)
+            deltas.append((weight, delta.detach().to(device=weight.device, dtype=weight.dtype)))
         with torch.no_grad():
             for weight, delta in deltas:
                 weight.add_(delta)
@@ -527,6 +557,25 @@ def _register_in_loha_models(models: Mapping[str, nn.Module], planned: list[_Pla
             continue
         m.targeted_module_names = sorted({*m.targeted_module_names, *(p.path for p in mine)})
         m.active_adapter = [*m.active_adapters, adapter_name]
+
+
+def _doha_merged(weight: torch.Tensor, p: _Planned, multiplier: float) -> torch.Tensor:
+    """LyCORIS' weight-decomposed merge, in float32.
+
+    ``W' = (W + ΔW) · (multiplier · (m / (‖W + ΔW‖ + eps) − 1) + 1)`` with ΔW at scale
+    alpha / r (the multiplier only blends the decomposition, as in LyCORIS), the norm taken
+    per output row (``dora_scale`` shaped ``(out, 1, …)``) or per input channel ``(1, in, …)``.
+    """
+    with torch.no_grad():
+        w = weight.detach().float() + Fn.delta_weight(p.factors, p.geometry, p.alpha / p.r).to(weight.device)  # (out, in, *k)
+        eps = torch.finfo(torch.float32).eps
+        if p.dora_on_out:
+            norm = w.reshape(w.shape[0], -1).norm(dim=1).reshape(w.shape[0], *[1] * (w.ndim - 1)) + eps
+        else:
+            norm = w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1).reshape(1, w.shape[1], *[1] * (w.ndim - 2)) + eps
+        scale = p.dora_scale.to(w.device) / norm
+        scale = multiplier * (scale - 1) + 1
+        return w * scale
 
 
 def _loha_layers(models: Mapping[str, nn.Module]) -> Iterable[tuple[str, str, LoHaLayer]]:
