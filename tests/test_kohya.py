@@ -481,3 +481,24 @@ def test_doha_file_merges_like_lycoris(tmp_path, on_out):
             w.copy_(v.float())
         torch.testing.assert_close(merged.fc.weight, ref.fc.weight, atol=ATOL, rtol=0)
         torch.testing.assert_close(merged.conv.weight, ref.conv.weight, atol=ATOL, rtol=0)
+
+
+def test_peft_written_directory_to_kohya(tmp_path, sd1_models):
+    """A LoHa directory written by PEFT itself converts to a kohya file that reproduces PEFT's outputs."""
+    import peft
+
+    unet0, _ = sd1_models
+    cfg = peft.LoHaConfig(r=2, alpha=3, init_weights=False, use_effective_conv2d=True,
+                          target_modules=["to_q", "to_v", "conv1", "proj_in"], rank_pattern={"conv1": 3},
+                          alpha_pattern={"to_v": 1.0})
+    pm = peft.get_peft_model(copy.deepcopy(unet0), cfg)
+    want = unet_out(pm.base_model.model)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    meta = peft_to_kohya(tmp_path / "peft", str(tmp_path / "k.safetensors"), model=unet0, dtype=torch.float32)
+    assert json.loads(meta["ss_network_args"])["use_tucker"] == "true"
+    sd = load_file(str(tmp_path / "k.safetensors"))
+    assert float(sd["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_v.alpha"]) == 1.0
+    assert sd["lora_unet_down_blocks_0_resnets_0_conv1.hada_t1"].shape == (3, 3, 3, 3)
+    unet = copy.deepcopy(unet0)
+    load_kohya(str(tmp_path / "k.safetensors"), {"lora_unet": unet}, strict=True)
+    torch.testing.assert_close(unet_out(unet), want, atol=ATOL, rtol=0)
