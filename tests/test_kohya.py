@@ -420,6 +420,11 @@ def test_load_into_loha_model_registers_adapter(tmp_path, sd1_models):
         load_kohya(path, {"lora_unet": lm}, adapter_name="style")
     lm.delete_adapter("style")
     torch.testing.assert_close(unet_out(lm.model), mine_only, atol=ATOL, rtol=0)
+    # removal through the kohya helpers keeps the LoHaModel's bookkeeping in step
+    load_kohya(path, {"lora_unet": lm}, adapter_name="style2")
+    assert remove_kohya_adapter({"lora_unet": lm}, "style2") > 0
+    assert set(lm.peft_config) == {"default"} and lm.active_adapters == ["default"]
+    torch.testing.assert_close(unet_out(lm.model), mine_only, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("on_out", [True, False], ids=["wd_on_out", "wd_on_in"])

@@ -34,6 +34,7 @@ from .formats.kohya import (
     set_kohya_multiplier,
     _adaptable_modules,
     _loha_layers,
+    _unwrap,
 )
 
 __all__ = [
@@ -149,7 +150,7 @@ def pipeline_models(pipe: Any) -> tuple[dict[str, nn.Module], dict[str, dict[str
         if isinstance(getattr(pipe, "text_encoder", None), nn.Module):
             models["lora_te1"] = pipe.text_encoder
         models["lora_te2"] = pipe.text_encoder_2
-        return models, {"lora_unet": sgm_unet_names(unet)}, "sdxl"
+        return models, {"lora_unet": sgm_unet_names(_unwrap(unet))}, "sdxl"
     models = {"lora_unet": unet}
     if isinstance(getattr(pipe, "text_encoder", None), nn.Module):
         models["lora_te"] = pipe.text_encoder
@@ -229,7 +230,7 @@ def load_loha_weights(
     _check_file_fits(sd, kind, label)
     report = load_kohya(
         sd, models, multiplier=scale, adapter_name=adapter_name, strict=strict,
-        tucker_t1_for_both=tucker_t1_for_both, name_tables=tables,
+        tucker_t1_for_both=tucker_t1_for_both, name_tables=tables, source=label,
     )
     report.metadata = metadata
     if fuse:

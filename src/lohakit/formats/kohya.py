@@ -379,7 +379,10 @@ def _plan(
             )
         prefix, path = hits[0]
         module = _unwrap(models[prefix]).get_submodule(path)
-        planned.append(_plan_module(name, groups[name], prefix, path, module, tucker_t1_for_both))
+        try:
+            planned.append(_plan_module(name, groups[name], prefix, path, module, tucker_t1_for_both))
+        except ValueError as e:
+            raise ValueError(f"{label}: {e}") from None
     seen: dict[tuple[str, str], str] = {}
     for p in planned:
         if (p.prefix, p.path) in seen:
@@ -421,6 +424,7 @@ def load_kohya(
     tucker_t1_for_both: bool = False,
     *,
     name_tables: NameTables | None = None,
+    source: str | None = None,
 ) -> KohyaLoadReport:
     """Apply a kohya/LyCORIS LoHa file to models, as a live adapter or merged into the weights.
 
@@ -440,6 +444,7 @@ def load_kohya(
         strict: Raise if any key of the file is not applied.
         tucker_t1_for_both: Use ``hada_t1`` as the core of both branches (LyCORIS <= 1.9.0 files).
         name_tables: Extra names per prefix ``{kohya name: module path}`` (SDXL's SGM names).
+        source: File name to use in messages when a state dict is given.
 
     Returns:
         A :class:`KohyaLoadReport`.
@@ -456,6 +461,7 @@ def load_kohya(
     if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not math.isfinite(multiplier):
         raise ValueError(f"load_kohya: multiplier must be a finite number, got {multiplier!r}")
     sd, metadata, label = read_kohya_file(path_or_state_dict)
+    label = source or label
     planned, unused, unmatched = _plan(sd, models, tucker_t1_for_both, name_tables, label, allow_dora=merge)
     if strict and unused:
         raise ValueError(
@@ -609,7 +615,10 @@ def remove_kohya_adapter(models: Mapping[str, nn.Module], adapter_name: str | No
     Merged adapters are unmerged first, so the base weights come back as they were.
     Returns the number of layers touched.
     """
+    from ..model import LoHaModel
+
     touched = 0
+    removed: set[str] = set()
     for prefix, path, layer in list(_loha_layers(models)):
         names = layer.adapter_names if adapter_name is None else [a for a in layer.adapter_names if a == adapter_name]
         if not names:
@@ -619,8 +628,15 @@ def remove_kohya_adapter(models: Mapping[str, nn.Module], adapter_name: str | No
             layer.unmerge()
         for n in names:
             layer.delete_adapter(n)
+        removed.update(names)
         if not layer.adapter_names:
             _install(_unwrap(models[prefix]), path, layer.base_layer)
+    for m in models.values():  # keep a LoHaModel's bookkeeping in step
+        if isinstance(m, LoHaModel):
+            for n in removed & set(m.peft_config):
+                del m.peft_config[n]
+            left = [a for a in m.active_adapters if a in m.peft_config]
+            m.active_adapter = left[0] if len(left) == 1 else (left or next(iter(m.peft_config), "default"))
     return touched
 
 
