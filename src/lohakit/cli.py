@@ -215,6 +215,9 @@ def _add_convert(sub: Any) -> None:
     p.add_argument("dst", metavar="OUT", help="output directory (peft, lora) or .safetensors file (kohya)")
     p.add_argument("--to", required=True, choices=["peft", "kohya", "lora"], help="target format")
     p.add_argument("--rank", type=int, help="--to lora: compress to this rank (default: exact, rank r1*r2)")
+    p.add_argument("--base", help="model directory: needed for --to peft (kohya names are matched against its modules); "
+                   "optional for --to lora (conv kernels) and --to kohya")
+    p.add_argument("--prefix", default="lora_unet", help="kohya prefix of the model: lora_unet, lora_te, lora_te1, ... (lora_unet)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_cmd_convert)
 
@@ -222,7 +225,7 @@ def _add_convert(sub: Any) -> None:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
 
-    print(convert(args.src, args.dst, to=args.to, rank=args.rank, overwrite=args.overwrite))
+    print(convert(args.src, args.dst, to=args.to, rank=args.rank, overwrite=args.overwrite, base=args.base, prefix=args.prefix))
     return EXIT_OK
 
 
@@ -280,6 +283,11 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar
     for name in ("transformers", "accelerate", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if "transformers" in sys.modules:  # imported before main() ran: the env vars came too late
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -295,6 +303,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
         return int(args.func(args))
+    except BrokenPipeError:  # `lohakit inspect ... | head`
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return EXIT_OK
     except SystemExit as e:  # --help / --version
         return int(e.code) if isinstance(e.code, int) else EXIT_OK
     except _UsageError as e:

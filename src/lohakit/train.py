@@ -386,6 +386,14 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+def _params_digest(params: list[torch.Tensor]) -> str:
+    """sha256 of the trainable tensors' bytes: equal on every rank when DDP keeps the replicas in sync."""
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -691,10 +699,12 @@ def train(cfg: TrainConfig, should_stop: Callable[[int], bool] | None = None) ->
         from safetensors.torch import save_file
 
         rng = [_rng_state()]
+        digest = [_params_digest(params)]
         if world > 1:
             from accelerate.utils import gather_object
 
             rng = gather_object(rng)
+            digest = gather_object(digest)
         final = out / f"checkpoint-{step}"
         if main:
             tmp = out / f".checkpoint-{step}.tmp"
@@ -714,6 +724,7 @@ def train(cfg: TrainConfig, should_stop: Callable[[int], bool] | None = None) ->
                 "scheduler": _jsonable(scheduler.state_dict()),
                 "optimizer": _jsonable(opt_meta),
                 "rng": rng,
+                "replica_digests": digest,
                 "label_names": getattr(data, "label_names", None),
                 "config": cfg.to_dict(),
             }
