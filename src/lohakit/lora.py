@@ -21,7 +21,6 @@ per module.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import Counter
@@ -288,18 +287,15 @@ def save_lora_peft(
 
     Loads with ``peft.PeftModel.from_pretrained(base_model, save_directory)``.
     """
-    from .formats.kohya import _atomic_save
+    from .formats.kohya import _write_peft_dir
+    from .formats.peft import PEFT_FORMAT_VERSION
 
     if not exports:
         raise ValueError("save_lora_peft: nothing to write (empty export)")
-    os.makedirs(save_directory, exist_ok=True)
     sd = {k: v.to(dtype) for k, v in lora_peft_state_dict(exports).items()}
     config = lora_peft_config(exports, base_model_name_or_path)
-    _atomic_save(sd, os.path.join(save_directory, "adapter_model.safetensors"), {"format": "pt"})
-    tmp = os.path.join(save_directory, ".adapter_config.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(config, fh, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(save_directory, "adapter_config.json"))
+    config["peft_version"] = PEFT_FORMAT_VERSION
+    _write_peft_dir(save_directory, sd, config)
 
 
 def lora_kohya_state_dict(

@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Union
@@ -775,20 +774,24 @@ def save_kohya(
 
 
 def _atomic_save(sd: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    """safetensors save through a temporary file in the same folder, then an atomic rename."""
-    from safetensors.torch import save_file
+    """safetensors save through a temporary file next to ``path`` (fsync, then an atomic rename)."""
+    from ..io import StagedWrites
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".safetensors.tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with StagedWrites() as writes:
+        writes.stage_safetensors(sd, path, metadata)
+        writes.commit()
+
+
+def _write_peft_dir(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """adapter_model.safetensors + adapter_config.json, all-or-nothing."""
+    from ..io import StagedWrites
+
+    folder = os.fspath(folder)
+    data = (json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+    with StagedWrites() as writes:
+        writes.stage_safetensors(tensors, os.path.join(folder, _PEFT_WEIGHTS), {"format": "pt"})
+        writes.stage_bytes(data, os.path.join(folder, _PEFT_CONFIG))
+        writes.commit()
 
 
 # ------------------------------------------------------------------------------------------
@@ -842,8 +845,6 @@ def kohya_to_peft(
     Returns:
         The written :class:`~lohakit.config.LoHaConfig` and a report (keys of other prefixes are unused).
     """
-    from ..config import LoHaConfig
-
     sd, metadata, label = read_kohya_file(path_or_state_dict)
     planned, unused, unmatched = _plan(
         sd, {prefix: model}, tucker_t1_for_both, {prefix: dict(name_table)} if name_table else None, label
@@ -868,14 +869,10 @@ def kohya_to_peft(
     cfg = config.to_dict()
     if cfg.get("rank_dropout_scale", True) is True:
         cfg.pop("rank_dropout_scale", None)  # PEFT's behaviour; PEFT would warn about the key
-    cfg["peft_version"] = "0.21.2"
-    folder = os.fspath(save_directory)
-    os.makedirs(folder, exist_ok=True)
-    _atomic_save(tensors, os.path.join(folder, _PEFT_WEIGHTS), {"format": "pt"})
-    tmp = os.path.join(folder, f".{_PEFT_CONFIG}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(cfg, fh, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(folder, _PEFT_CONFIG))
+    from .peft import PEFT_FORMAT_VERSION
+
+    cfg["peft_version"] = PEFT_FORMAT_VERSION
+    _write_peft_dir(save_directory, tensors, cfg)
     report = KohyaLoadReport(adapter_name=None, merged=False, metadata=metadata, unused_keys=unused, unmatched_modules=unmatched)
     report.matched = {p.name: f"{prefix}:{p.path}" for p in planned}
     return config, report
