@@ -76,7 +76,7 @@ def sdxl_file(tmp_path_factory, sdxl):
     _adapt(adapted)
     path = str(tmp_path_factory.mktemp("sdxl") / "sdxl.safetensors")
     save_loha_weights(adapted, path, dtype=torch.float32)
-    return path, pipe_outputs(adapted)
+    return path, pipe_outputs(adapted), adapted
 
 
 def test_sd1_load_scale_fuse_unload(sd1, sd1_file):
@@ -117,7 +117,7 @@ def test_sd1_load_scale_fuse_unload(sd1, sd1_file):
 
 
 def test_sdxl_sgm_names_te1_te2(sdxl, sdxl_file):
-    path, want = sdxl_file
+    path, want, _ = sdxl_file
     keys = {k.partition(".")[0] for k in load_file(path)}
     for expected in (
         "lora_unet_input_blocks_0_0",  # conv_in
@@ -191,3 +191,33 @@ def test_shape_mismatch_names_key_and_module(sd1, sd1_file, tmp_path):
     assert same_state(state_of(pipe.unet, pipe.text_encoder), before)
     with pytest.raises(TypeError, match="no `unet`"):
         load_loha_weights(object(), sd1_file[0])
+
+
+def test_sdxl_exact_lora_export_loads_in_diffusers(tmp_path, sdxl, sdxl_file):
+    """The exact LoRA export with SGM names, through diffusers' SDXL load_lora_weights: same UNet output.
+
+    This also checks our SGM names end to end against diffusers' own SDXL key conversion.
+    """
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+
+    from lohakit.diffusers import save_loha_as_lora
+
+    _, want, adapted = sdxl_file
+    path = str(tmp_path / "xl_lora.safetensors")
+    errors = save_loha_as_lora(adapted, path, dtype=torch.float32)
+    assert "lora_unet_input_blocks_2_0_op" in errors and max(errors.values()) == 0.0
+    assert any(k.startswith("lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k.lora_down") for k in load_file(path))
+
+    class TinyXL(StableDiffusionXLLoraLoaderMixin):
+        hf_device_map = None
+
+        def __init__(self, p):
+            self.unet, self.text_encoder, self.text_encoder_2 = p.unet, p.text_encoder, p.text_encoder_2
+
+        @property
+        def components(self):
+            return {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+
+    pipe = copy.deepcopy(sdxl)
+    TinyXL(pipe).load_lora_weights(path)
+    torch.testing.assert_close(pipe_outputs(pipe)[0], want[0], atol=ATOL, rtol=0)

@@ -42,6 +42,7 @@ __all__ = [
     "unload_loha_weights",
     "set_loha_scale",
     "save_loha_weights",
+    "save_loha_as_lora",
     "pipeline_models",
     "sgm_unet_names",
 ]
@@ -266,3 +267,41 @@ def save_loha_weights(
     meta = {"ss_base_model_version": "sdxl_base_v1-0" if kind == "sdxl" else "sd_v1"}
     meta.update(metadata or {})
     return save_kohya(path, models, adapter_name=adapter_name, dtype=dtype, metadata=meta, names=names)
+
+
+def save_loha_as_lora(
+    pipe: Any,
+    path: str | os.PathLike,
+    rank: int | None = None,
+    adapter_name: str = "default",
+    dtype: torch.dtype | None = torch.float16,
+    metadata: Mapping[str, str] | None = None,
+) -> dict[str, float]:
+    """Write a pipeline's LoHa adapter as a kohya LoRA file (exact, or compressed to ``rank``).
+
+    Names follow the pipeline family (SGM UNet names and ``lora_te1``/``lora_te2`` for SDXL), so
+    LoRA-only runtimes, diffusers' ``load_lora_weights`` included, can serve the adapter.
+
+    Returns:
+        kohya module name -> relative Frobenius error of the export (0.0 when exact).
+    """
+    from .formats.kohya import kohya_name, legacy_path_prefix
+    from .lora import save_lora_kohya, to_lora
+
+    models, tables, kind = pipeline_models(pipe)
+    names = {p: {path_: name for name, path_ in t.items()} for p, t in tables.items()}
+    exports = {}
+    for prefix, model in models.items():
+        if any(adapter_name in layer.hada_w1_a for _, _, layer in _loha_layers({prefix: model})):
+            exports[prefix] = to_lora(_unwrap(model), rank=rank, adapter_name=adapter_name)
+    if not exports:
+        raise ValueError(f"pipeline has no LoHa adapter {adapter_name!r}")
+    meta = {"ss_base_model_version": "sdxl_base_v1-0" if kind == "sdxl" else "sd_v1"}
+    meta.update(metadata or {})
+    save_lora_kohya(path, exports, dtype=dtype, metadata=meta, names=names, models=models)
+    errors = {}
+    for prefix, ex in exports.items():
+        legacy = legacy_path_prefix(_unwrap(models[prefix]))
+        for p, e in ex.items():
+            errors[names.get(prefix, {}).get(p) or kohya_name(prefix, legacy + p)] = e.rel_error
+    return errors
