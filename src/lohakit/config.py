@@ -73,6 +73,13 @@ class LoHaConfig:
             self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.layers_to_transform, tuple):
+            self.layers_to_transform = list(self.layers_to_transform)
+        if isinstance(self.layers_pattern, tuple):
+            self.layers_pattern = list(self.layers_pattern)
+        # PEFT's own dicts hold enum members (PeftType.LOHA, TaskType.CAUSAL_LM): keep their values
+        self.peft_type = getattr(self.peft_type, "value", self.peft_type)
+        self.task_type = getattr(self.task_type, "value", self.task_type)
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
         self.validate()
@@ -155,6 +162,7 @@ class LoHaConfig:
         if not isinstance(data, dict):
             raise ValueError(f"LoHa config{where} must be a JSON object, got {type(data).__name__}")
         pt = data.get("peft_type", "LOHA")
+        pt = getattr(pt, "value", pt)  # PeftType.LOHA from a PEFT config's to_dict()
         if pt is not None and str(pt).upper() != "LOHA":
             raise ValueError(f"LoHa config{where}: peft_type is {pt!r}, expected 'LOHA'")
         known = set(cls.field_names())

@@ -304,6 +304,8 @@ class LoHaLayer(nn.Module):
         self.clear_eval_cache()
         weight = self.base_layer.weight
         for name in names:
+            self._check_loaded(name, self.factors(name), weight)
+        for name in names:
             with torch.no_grad():
                 delta = self.get_delta_weight(name).to(weight.dtype)
                 if safe_merge:
@@ -349,6 +351,7 @@ class LoHaLayer(nn.Module):
                     self.geometry.out_features, self.rank_dropout[name], self.rank_dropout_scale[name], x.device
                 )
             factors = self.factors(name)
+            self._check_loaded(name, factors, result)
             cache = None if self.training else self._eval_cache_for(name, factors, result)
             result = Fn.loha_delta_forward(
                 x, result, factors, self.geometry, self.scaling[name], mask, self.compute_path,
@@ -356,6 +359,15 @@ class LoHaLayer(nn.Module):
             )
             owns_result = True
         return result.to(previous_dtype)
+
+    def _check_loaded(self, name: str, factors: HadaFactors, target: torch.Tensor) -> None:
+        """Refuse to compute with factors still on the meta device (low_cpu_mem_usage, not loaded)."""
+        if not target.is_meta and any(t is not None and t.is_meta for t in factors):
+            raise RuntimeError(
+                f"{self.module_name or type(self.base_layer).__name__}: adapter {name!r} has no values yet, its "
+                "factors are on the meta device (created with low_cpu_mem_usage=True); load them first "
+                "(load_adapter, from_pretrained, or load_state_dict(..., assign=True))"
+            )
 
     # ---------------------------------------------------------------- inference cache
     def _eval_cache_for(self, name: str, factors: HadaFactors, result: torch.Tensor) -> dict | None:

@@ -28,7 +28,7 @@ _ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
 
 
 def _check_adapter_name(name: str) -> None:
-    if not isinstance(name, str) or not name or ".." in name or "/" in name or "\\" in name or not _ADAPTER_NAME_RE.match(name):
+    if not isinstance(name, str) or not name or ".." in name or "/" in name or "\\" in name or not _ADAPTER_NAME_RE.fullmatch(name):
         raise ValueError(
             f"invalid adapter name {name!r}: use letters, digits, '_' and '-' (no path separators or '..')"
         )
@@ -109,6 +109,11 @@ class LoHaModel(nn.Module):
     def __init__(
         self, model: nn.Module, config: LoHaConfig, adapter_name: str = "default", low_cpu_mem_usage: bool = False
     ) -> None:
+        if isinstance(model, LoHaModel):
+            raise TypeError(
+                "model is already a LoHaModel; add another adapter with model.add_adapter(name, config) "
+                "instead of wrapping it again"
+            )
         super().__init__()
         self.model = model
         self.peft_config: dict[str, LoHaConfig] = {}
@@ -279,6 +284,7 @@ class LoHaModel(nn.Module):
         config = self._resolve_config(config)
         targets = self._find_targets(config)
         self._check_modules_to_save(config)
+        self._check_name_free(adapter_name, targets)
         grad_flags = {id(p): p.requires_grad for p in self.model.parameters()}
         if not self.peft_config:  # the base model is frozen once, when the first adapter arrives
             for p in self.model.parameters():
@@ -309,10 +315,34 @@ class LoHaModel(nn.Module):
         self._apply_active()
 
     def _check_modules_to_save(self, config: LoHaConfig) -> None:
-        names = [k for k, _ in self.model.named_modules()]
+        modules = dict(self.model.named_modules())
+        wrapped = [p for p, _ in self._wrappers()]
         for name in config.modules_to_save or []:
-            if not any(k == name or k.endswith("." + name) for k in names):
+            hits = [k for k in modules if k == name or k.endswith("." + name)]
+            if not hits:
                 raise ValueError(f"modules_to_save entry {name!r} matched no module of the model")
+            for key in hits:
+                if any(key.startswith(p + ".") for p in wrapped) or isinstance(modules[key], ModulesToSaveWrapper):
+                    continue
+                inner = next((n for n, m in modules[key].named_modules() if isinstance(m, LoHaLayer)), None)
+                if inner is not None:
+                    where = key + ("." + inner if inner else "")
+                    raise ValueError(
+                        f"modules_to_save entry {name!r}: module {key!r} holds a LoHa layer ({where!r}) of another "
+                        "adapter; a module cannot be both adapted and trained as a full copy"
+                    )
+
+    def _check_name_free(self, adapter_name: str, targets: list[tuple[str, nn.Module]]) -> None:
+        """The name must be new on every layer it would touch (layers may come from another LoHaModel)."""
+        for key, module in targets:
+            if isinstance(module, LoHaLayer) and adapter_name in module.adapter_names:
+                raise ValueError(
+                    f"module {key!r} already holds an adapter named {adapter_name!r} (its LoHa layer was "
+                    "created by another LoHaModel); choose another adapter name"
+                )
+        for key, w in self._wrappers():
+            if adapter_name in w.modules_to_save:
+                raise ValueError(f"modules_to_save wrapper {key!r} already holds a copy named {adapter_name!r}")
 
     def _add_modules_to_save(self, config: LoHaConfig, adapter_name: str) -> None:
         for name in config.modules_to_save or []:
@@ -351,6 +381,13 @@ class LoHaModel(nn.Module):
         missing = [n for n in names if n not in self.peft_config]
         if missing or not names:
             raise ValueError(f"unknown adapter(s) {missing or names}; available: {sorted(self.peft_config)}")
+        for key, w in self._wrappers():
+            copies = [n for n in names if n in w.modules_to_save]
+            if len(copies) > 1:
+                raise ValueError(
+                    f"adapters {copies} each train their own copy of {key!r} (modules_to_save); only one of "
+                    "them can be active at a time"
+                )
         if any(layer.merged for _, layer in self.loha_layers()):
             logger.warning("set_adapter while adapters are merged: unmerging first")
             self.unmerge_adapter()
@@ -414,6 +451,10 @@ class LoHaModel(nn.Module):
         """
         names = self._check_names(adapter_names)
         layers = [layer for _, layer in self.loha_layers()]
+        for layer in layers:  # refuse before touching any weight
+            for n in names if names is not None else layer.active_adapters:
+                if n in layer.hada_w1_a and n not in layer.merged_adapters:
+                    layer._check_loaded(n, layer.factors(n), layer.base_layer.weight)
         if safe_merge:
             for layer in layers:
                 for n in names if names is not None else layer.active_adapters:

@@ -103,6 +103,10 @@ def matches_target(config: LoHaConfig, key: str) -> bool:
         return False
     if isinstance(tm, str):
         return re.fullmatch(tm, key) is not None
+    if key in tm:
+        # A full path named directly is adapted whatever layers_to_transform says (PEFT's rule;
+        # PEFT saves "all-linear" expanded to full paths, so its files rely on it).
+        return True
     if not _name_in(key, tm):
         return False
     lt = config.layers_to_transform
