@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import functional as Fn
 from .functional import ComputePath, Geometry, HadaFactors
@@ -21,6 +22,17 @@ from .functional import ComputePath, Geometry, HadaFactors
 __all__ = ["LoHaLayer", "Linear", "Conv1d", "Conv2d", "Conv3d", "HFConv1D", "GEOMETRY_READERS", "supported_base_types"]
 
 ADAPTER_PARAM_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+
+#: Number of torch.optim steps taken in this process: part of the inference-cache key, because
+#: fused optimizers (AdamW(fused=True), the HF Trainer default) do not bump version counters.
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 # ------------------------------------------------------------------------------------------
@@ -352,6 +364,10 @@ class LoHaLayer(nn.Module):
                 )
             factors = self.factors(name)
             self._check_loaded(name, factors, result)
+            if self._eval_cache and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in factors):
+                # An optimizer step may follow, and fused optimizers (torch AdamW(fused=True), the HF
+                # Trainer default) update parameters without bumping their version counters.
+                self._eval_cache.clear()
             cache = None if self.training else self._eval_cache_for(name, factors, result)
             result = Fn.loha_delta_forward(
                 x, result, factors, self.geometry, self.scaling[name], mask, self.compute_path,
@@ -386,6 +402,7 @@ class LoHaLayer(nn.Module):
             result.dtype,
             result.device,
             self.compute_path,
+            _OPTIMIZER_STEPS[0],
             tuple((id(t), t.data_ptr(), t._version) for t in factors if t is not None),
         )
         entry = self._eval_cache.get(name)
@@ -397,6 +414,11 @@ class LoHaLayer(nn.Module):
     def clear_eval_cache(self) -> None:
         """Drop every cached inference weight (done automatically on merge, adapter changes, …)."""
         self._eval_cache.clear()
+
+    def train(self, mode: bool = True) -> "LoHaLayer":
+        """Switch mode; drops the inference cache (weights may have changed without a version bump)."""
+        self.clear_eval_cache()
+        return super().train(mode)
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"
