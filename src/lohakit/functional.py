@@ -259,7 +259,12 @@ def delta_weight(factors: HadaFactors, geom: Geometry, scale: float) -> torch.Te
         k = geom.kernel_size
         t1 = f.t1.reshape(*f.t1.shape[:2], *k)  # drop PEFT's trailing 1 of Conv1d cores
         t2 = f.t2.reshape(*f.t2.shape[:2], *k)
-        w = HadaWeightTucker.apply(t1, f.w1a, f.w1b, t2, f.w2a, f.w2b, scale)
+        if _is_compiling():
+            # HadaWeightTucker's backward calls torch.autograd.grad, which dynamo cannot trace;
+            # under torch.compile build ΔW from plain ops (AOT autograd plans the saving itself).
+            w = _tucker_branch(t1, f.w1a, f.w1b) * _tucker_branch(t2, f.w2a, f.w2b) * scale
+        else:
+            w = HadaWeightTucker.apply(t1, f.w1a, f.w1b, t2, f.w2a, f.w2b, scale)
     else:
         w = HadaWeight.apply(f.w1a, f.w1b, f.w2a, f.w2b, scale)
     w = w.reshape(geom.weight_shape)

@@ -1,0 +1,280 @@
+"""The performance paths: fused linear autograd, no-grad fast path, eval cache, torch.compile.
+
+Exactness is checked in float64: 1e-10 for the same computation, 1e-7 relative / 1e-8 absolute
+when the cached and uncached calls may take different paths (the cost model drops the ΔW build
+term when ΔW is cached; factored and materialised sum in different orders). Cache hits must
+be bit-identical.
+No test here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lohakit import LoHaConfig, LoHaModel
+from lohakit import functional as Fn
+
+D = torch.float64
+TOL64 = dict(rtol=1e-10, atol=1e-10)
+TOL64_PATHS = dict(rtol=1e-7, atol=1e-8)
+
+
+class Net(nn.Module):
+    """Linear → Conv2d (3x3) → Conv2d (1x1) → Linear: every cached kind (linear, chain)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(12, 4 * 6 * 6)
+        self.conv = nn.Conv2d(4, 6, 3, padding=1)
+        self.pw = nn.Conv2d(6, 5, 1)
+        self.out = nn.Linear(5 * 6 * 6, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x).view(-1, 4, 6, 6)
+        h = self.pw(torch.relu(self.conv(h)))
+        return self.out(h.flatten(1))
+
+
+def _model(effective: bool = False, dtype: torch.dtype = D, adapters: tuple[str, ...] = ("default",)) -> LoHaModel:
+    torch.manual_seed(0)
+    base = Net().to(dtype)
+    cfg = LoHaConfig(r=3, alpha=5, target_modules=["inp", "conv", "pw", "out"], init_weights=False,
+                     use_effective_conv2d=effective)
+    m = LoHaModel(base, cfg, adapter_name=adapters[0])
+    for name in adapters[1:]:
+        m.add_adapter(name, cfg)
+    return m
+
+
+def _reference(m: LoHaModel, x: torch.Tensor) -> torch.Tensor:
+    """Same model, no cache: train mode under no_grad (dropouts are 0, so train == eval math)."""
+    ref = copy.deepcopy(m).train()
+    with torch.no_grad():
+        return ref(x)
+
+
+# ------------------------------------------------------------------------------------------
+# FactoredLinear: the fused single-node autograd for linear layers
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("vector_scale", [False, True], ids=["scalar", "row_mask"])
+@pytest.mark.parametrize("with_base", [True, False], ids=["base", "no_base"])
+def test_factored_linear_gradcheck_float64(vector_scale: bool, with_base: bool) -> None:
+    out_f, in_f, r1, r2 = 5, 4, 2, 3
+    x = torch.randn(2, 3, in_f, dtype=D, requires_grad=True)
+    base = torch.randn(2, 3, out_f, dtype=D, requires_grad=True) if with_base else None
+    w1a, w2a = (torch.randn(out_f, r, dtype=D, requires_grad=True) for r in (r1, r2))
+    w1b, w2b = (torch.randn(r, in_f, dtype=D, requires_grad=True) for r in (r1, r2))
+    scale = torch.rand(out_f, dtype=D) + 0.5 if vector_scale else 0.7
+
+    def f(x, base, w1a, w1b, w2a, w2b):
+        return Fn.FactoredLinear.apply(x, base, w1a, w1b, w2a, w2b, scale)
+
+    assert torch.autograd.gradcheck(f, (x, base, w1a, w1b, w2a, w2b))
+
+
+def test_factored_linear_matches_formula_and_skips_unneeded_grads() -> None:
+    out_f, in_f, r = 6, 5, 3
+    x = torch.randn(4, in_f, dtype=D)  # frozen input: no dx is computed
+    base = torch.randn(4, out_f, dtype=D)
+    f = [torch.randn(s, dtype=D, requires_grad=True) for s in ((out_f, r), (r, in_f), (out_f, r), (r, in_f))]
+    y = Fn.FactoredLinear.apply(x, base, *f, 0.5)
+    dw = ((f[0] @ f[1]) * (f[2] @ f[3])) * 0.5
+    torch.testing.assert_close(y, base + x @ dw.T, **TOL64)
+    y.sum().backward()
+    assert all(p.grad is not None for p in f) and x.grad is None
+
+
+# ------------------------------------------------------------------------------------------
+# No-grad fast path
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["factored", "materialised"])
+def test_functional_nograd_does_not_touch_base_unless_inplace(path: str) -> None:
+    geom = Fn.Geometry(out_features=6, in_features=5)
+    f = Fn.HadaFactors(*(torch.randn(s, dtype=D) for s in ((6, 2), (2, 5), (6, 2), (2, 5))))
+    x, base = torch.randn(3, 5, dtype=D), torch.randn(3, 6, dtype=D)
+    keep = base.clone()
+    with torch.no_grad():
+        y = Fn.loha_delta_forward(x, base, f, geom, 0.5, path=path)
+        torch.testing.assert_close(base, keep, rtol=0, atol=0)
+        y2 = Fn.loha_delta_forward(x, base, f, geom, 0.5, path=path, inplace=True)
+    torch.testing.assert_close(y2, y, **TOL64)
+    assert y2.data_ptr() == base.data_ptr()
+
+
+def test_forward_hook_on_base_layer_sees_unmodified_base_output() -> None:
+    m = _model().eval()
+    seen = {}
+    m.model.inp.base_layer.register_forward_hook(lambda mod, inp, out: seen.setdefault("out", out))
+    x = torch.randn(2, 12, dtype=D)
+    with torch.no_grad():
+        m(x)
+        expected = m.model.inp.base_layer(x)
+    torch.testing.assert_close(seen["out"], expected, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# Eval cache
+# ------------------------------------------------------------------------------------------
+CACHE_CASES = [
+    ("auto-flat", "auto", False),
+    ("factored-flat", "factored", False),
+    ("materialised-flat", "materialised", False),
+    ("factored-effective", "factored", True),
+]
+
+
+@pytest.mark.parametrize("case,path,effective", CACHE_CASES, ids=[c[0] for c in CACHE_CASES])
+def test_cache_hit_is_identical_and_matches_uncached(case: str, path: str, effective: bool) -> None:
+    m = _model(effective)
+    m.set_compute_path(path)
+    m.eval()
+    x = torch.randn(3, 12, dtype=D)
+    with torch.no_grad():
+        y1 = m(x)
+        assert all(layer._eval_cache for _, layer in m.loha_layers())  # filled on the first call
+        y2 = m(x)
+    torch.testing.assert_close(y2, y1, rtol=0, atol=0)
+    torch.testing.assert_close(y1, _reference(m, x), **TOL64_PATHS)
+
+
+def test_cache_not_used_in_training_or_when_factors_need_grad() -> None:
+    m = _model()
+    x = torch.randn(3, 12, dtype=D)
+    m.train()
+    with torch.no_grad():
+        m(x)
+    assert not any(layer._eval_cache for _, layer in m.loha_layers())
+    m.eval()  # eval mode but grad enabled and factors trainable: gradients must still flow
+    m(x).sum().backward()
+    layer = m.model.conv
+    assert layer.hada_w1_a["default"].grad is not None
+    assert not any(entry[1] for entry in layer._eval_cache.values())
+
+
+def _bump_inplace(m: LoHaModel) -> None:
+    with torch.no_grad():
+        for _, layer in m.loha_layers():
+            layer.hada_w2_b["default"].mul_(1.5)
+
+
+def _optimizer_step(m: LoHaModel) -> None:
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.5)
+    m.train()
+    m(torch.randn(3, 12, dtype=D)).pow(2).sum().backward()
+    opt.step()
+    m.eval()
+
+
+def _scaling_change(m: LoHaModel) -> None:
+    for _, layer in m.loha_layers():
+        layer.scaling["default"] *= 2
+
+
+def _replace_parameter(m: LoHaModel) -> None:
+    for _, layer in m.loha_layers():
+        old = layer.hada_w1_a["default"]
+        layer.hada_w1_a["default"] = nn.Parameter(old.detach() * 0.5)
+
+
+def _load_state_dict(m: LoHaModel) -> None:
+    sd = {k: v * 0.75 if "hada_" in k else v for k, v in m.state_dict().items()}
+    m.load_state_dict(sd)
+
+
+INVALIDATIONS = {
+    "inplace_factor_update": _bump_inplace,
+    "optimizer_step": _optimizer_step,
+    "scaling_change": _scaling_change,
+    "parameter_replaced": _replace_parameter,
+    "load_state_dict": _load_state_dict,
+}
+
+
+@pytest.mark.parametrize("change", list(INVALIDATIONS), ids=list(INVALIDATIONS))
+def test_cache_invalidated_by_parameter_changes(change: str) -> None:
+    m = _model().eval()
+    x = torch.randn(3, 12, dtype=D)
+    with torch.no_grad():
+        before = m(x)
+    INVALIDATIONS[change](m)
+    with torch.no_grad():
+        after = m(x)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, _reference(m, x), **TOL64_PATHS)
+
+
+def test_cache_follows_set_adapter_and_merge() -> None:
+    m = _model(adapters=("a", "b")).eval()
+    x = torch.randn(3, 12, dtype=D)
+    with torch.no_grad():
+        ya = m(x)
+        m.set_adapter("b")
+        yb = m(x)
+        assert not torch.allclose(ya, yb)
+        torch.testing.assert_close(yb, _reference(m, x), **TOL64_PATHS)
+        m.set_adapter("a")
+        torch.testing.assert_close(m(x), ya, **TOL64)
+        m.merge_adapter()
+        assert not any(layer._eval_cache for _, layer in m.loha_layers())
+        torch.testing.assert_close(m(x), ya, rtol=1e-9, atol=1e-9)
+        m.unmerge_adapter()
+        torch.testing.assert_close(m(x), ya, rtol=1e-9, atol=1e-9)
+
+
+def test_cache_follows_dtype_change() -> None:
+    m = _model().eval()
+    x = torch.randn(3, 12, dtype=D)
+    with torch.no_grad():
+        m(x)
+        m.to(torch.float32)  # factors and base change dtype (new storage)
+        y32 = m(x.float())
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32, _reference(m, x.float()), rtol=1e-5, atol=1e-5)
+
+
+def test_clear_eval_cache() -> None:
+    m = _model().eval()
+    with torch.no_grad():
+        m(torch.randn(2, 12, dtype=D))
+    layer = m.model.inp
+    assert layer._eval_cache
+    layer.clear_eval_cache()
+    assert not layer._eval_cache
+
+
+# ------------------------------------------------------------------------------------------
+# torch.compile
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("effective", [False, True], ids=["flat", "effective"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_dynamo_traces_layer_forward_without_graph_breaks(train: bool, effective: bool) -> None:
+    torch._dynamo.reset()
+    m = _model(effective, dtype=torch.float32).train(train)
+    x = torch.randn(2, 12)
+    explanation = torch._dynamo.explain(m)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("effective", [False, True], ids=["flat", "effective"])
+def test_compiled_model_matches_eager_forward_and_backward(effective: bool) -> None:
+    torch._dynamo.reset()
+    m = _model(effective, dtype=torch.float32).train()
+    eager = copy.deepcopy(m)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 12)
+    y_c, y_e = compiled(x), eager(x)
+    torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
+    y_c.pow(2).sum().backward()
+    y_e.pow(2).sum().backward()
+    for (n, p), (_, q) in zip(m.named_parameters(), eager.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
+    compiled.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager.eval()(x), rtol=1e-5, atol=1e-5)
