@@ -549,21 +549,49 @@ def apply_delta_weight(x: torch.Tensor, dw: torch.Tensor, geom: Geometry) -> tor
 # --------------------------------------------------------------------------------------------
 # Cost model
 # --------------------------------------------------------------------------------------------
-#: Multiplier on the factored path's FLOP count before comparing (>1 favours materialising).
-#: Small matmuls run below peak, so factored FLOPs are slightly more expensive per FLOP.
-FACTORED_COST_BIAS = 1.5
+#: Multiplier on the factored path's matmul FLOPs (>1 favours materialising): its matmuls are
+#: skinny (one side R = r1·r2 wide) and run below peak. Calibrated on CPU (``python -m bench
+#: calibrate``, see bench/RESULTS.md); the seed prototype's 1.5 over-penalised mid-size convs.
+FACTORED_COST_BIAS = 1.25
+
+#: Cost of one elementwise pass over one element, in matmul-FLOP units. The Khatri-Rao builds of
+#: P and Q and their product-rule gradients, and the Hadamard product of the materialised path,
+#: are memory-bound passes; on CPU one element costs about as much as 40 matmul FLOPs. Without
+#: this term the model chose the factored path for R = r1·r2 ≳ 1000 on small layers, where
+#: building P, Q (R·(in+out) elements, several times per step) dominates.
+ELEMENTWISE_COST = 40
 
 
 def prefer_factored(
-    geom: Geometry, ranks: tuple[int, int], tucker: bool, n_out: int, n_in: int, build_delta: bool = True
+    geom: Geometry,
+    ranks: tuple[int, int],
+    tucker: bool,
+    n_out: int,
+    n_in: int,
+    build_delta: bool = True,
+    training: bool = False,
 ) -> bool:
     """Whether the factored chain is cheaper than materialising ΔW for this call.
 
-    Forward FLOPs (backward scales both by about the same factor)::
+    Costs in matmul FLOPs (R = r1·r2, K = prod(kernel), g = groups, dense = out·in/g·K,
+    E = :data:`ELEMENTWISE_COST`, B = :data:`FACTORED_COST_BIAS`); the matmul passes are
+    m = 2 for a forward call and m = 6 for a training step (forward, dL/dx, dL/dweights)::
 
-        materialised = 2·N·out·fan_in + 4·max(r)·out·fan_in        (conv + build ΔW)
-        factored     = 2·N·R·in·K + 2·N·out·R                       (flat, R = r1·r2)
-        factored     = 2·N_in·R·in + 2·N·R·R·K·g + 2·N·out·R         (Tucker)
+        materialised = m·N·dense + [4·max(r)·dense + 2·E·dense]·(4 if training else 1)
+        factored     = B·m·(N·R·in·K·g + N·out·R) + E·e·R·(in·K + out)       (flat)
+        factored     = B·m·(N_in·R·in·g + N·R²·K·g + N·out·R) + E·e·(R·(in + out) + R²·K)   (Tucker)
+
+    with e = 2 elementwise passes over the Khatri-Rao products for a forward call and 8 for
+    a training step (build, rebuild in backward, product-rule gradients). The bracketed ΔW
+    build term and the factored Khatri-Rao term vanish when ``build_delta`` is False (both
+    cached at inference).
+
+    Crossovers measured on CPU (fp32 training step, factored / materialised time; see
+    bench/RESULTS.md): Linear 1024² at r = 8: 0.2–0.45 from 1 to 512 tokens (factored always);
+    at r = 32 (R = 1024) factored loses from ~16 tokens up (1.3–1.5). Linear 256² flips
+    between r = 8 (0.4) and r = 16 (1.5) at 512 tokens; Linear 64² is materialised at any r.
+    3x3 conv 320 ch: factored up to r = 16 at 8² (0.65), tie at r = 16 at 32² (1.0),
+    materialised at r = 32; 32-channel convs are materialised from r = 8.
 
     Args:
         geom: Base layer geometry.
@@ -571,19 +599,27 @@ def prefer_factored(
         tucker: Whether the adapter is in Tucker form.
         n_out: Output positions (tokens, or batch·output pixels).
         n_in: Input positions (for the Tucker 1x1 stage at input resolution).
-        build_delta: Count the cost of building ΔW (False when a cached ΔW is reused).
+        build_delta: Count the cost of building ΔW / P and Q (False when cached).
+        training: The call will be differentiated (a backward pass follows).
     """
     r1, r2 = ranks
     R = r1 * r2
     K = geom.kernel_numel
     g = geom.groups
+    E = ELEMENTWISE_COST
+    m = 6 if training else 2
     dense = geom.out_features * geom.flat_in
-    materialised = 2 * n_out * dense + (4 * max(r1, r2) * dense if build_delta else 0)
+    materialised = m * n_out * dense
+    if build_delta:
+        materialised += (4 * max(r1, r2) * dense + 2 * E * dense) * (4 if training else 1)
     if tucker:
-        factored = 2 * n_in * R * geom.in_features * g + 2 * n_out * R * R * K * g + 2 * n_out * geom.out_features * R
+        gemm = n_in * R * geom.in_features * g + n_out * R * R * K * g + n_out * geom.out_features * R
+        kr = R * (geom.in_features + geom.out_features) + R * R * K
     else:
-        factored = 2 * n_out * R * geom.flat_in * g + 2 * n_out * geom.out_features * R
-    return factored * FACTORED_COST_BIAS < materialised
+        gemm = n_out * R * geom.flat_in * g + n_out * geom.out_features * R
+        kr = R * (geom.flat_in + geom.out_features)
+    factored = FACTORED_COST_BIAS * m * gemm + (E * (8 if training else 2) * kr if build_delta else 0)
+    return factored < materialised
 
 
 # --------------------------------------------------------------------------------------------
@@ -660,7 +696,9 @@ def loha_delta_forward(
         return _delta_forward_nograd(x, base_out, factors, geom, scale, row_mask, path, cache, inplace)
     if path == "auto":
         n_out, n_in = _positions(x, base_out, geom)
-        path = "factored" if prefer_factored(geom, factors.ranks, factors.tucker, n_out, n_in) else "materialised"
+        path = "factored" if prefer_factored(
+            geom, factors.ranks, factors.tucker, n_out, n_in, training=True
+        ) else "materialised"
     if path == "factored" and geom.ndim == 0 and not factors.tucker:
         # Linear layers: the fused single-node autograd (see FactoredLinear).
         out_scale_l: torch.Tensor | float = scale
