@@ -1,0 +1,81 @@
+"""``python -m bench {linear,llama,conv,infer,memory,calibrate,all} [--quick] [--threads N]``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+SUITES = ("linear", "llama", "conv", "infer", "memory", "calibrate")
+
+
+def _run_suite(name: str, quick: bool, device: str) -> list[dict]:
+    if name == "linear":
+        from .layers import run_linear
+
+        return run_linear(quick, device)
+    if name == "conv":
+        from .layers import run_conv
+
+        return run_conv(quick, device)
+    if name == "llama":
+        from .llama import run
+
+        return run(quick, device)
+    if name == "infer":
+        from .infer import run
+
+        return run(quick, device)
+    if name == "memory":
+        from .memory import run_merge_load, run_peak
+
+        return run_peak(quick, device) + run_merge_load(quick, device)
+    if name == "calibrate":
+        from .calibrate import run
+
+        return run(quick, device)
+    raise ValueError(f"unknown suite {name!r}; expected one of {SUITES} or 'all'")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("suites", nargs="+", choices=[*SUITES, "all"])
+    p.add_argument("--quick", action="store_true", help="smallest sizes and fewest repetitions")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is far less noisy on an oversubscribed machine)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"))
+    p.add_argument("--no-write", action="store_true", help="print the tables only")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # memory-suite subprocesses
+    suites = SUITES[:-1] if "all" in args.suites else tuple(dict.fromkeys(args.suites))
+    from .report import table, targets, write_results
+
+    load0 = os.getloadavg()
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    for s in suites:
+        t = time.perf_counter()
+        rows += _run_suite(s, args.quick, args.device)
+        print(f"[bench] {s}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    load1 = os.getloadavg()
+    print(table(rows))
+    print(targets(rows))
+    if not args.no_write:
+        notes = [
+            f"threads: {torch.get_num_threads()}; load average (1 min) before/after: {load0[0]:.1f} / {load1[0]:.1f}",
+            f"wall time: {time.perf_counter() - t0:.0f} s",
+        ]
+        write_results(rows, args.out, "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]), notes)
+        print(f"[bench] wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

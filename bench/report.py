@@ -1,0 +1,160 @@
+"""Tables (markdown), the bar chart (PNG via matplotlib's Agg backend) and RESULTS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections import OrderedDict
+
+import torch
+
+
+def machine() -> str:
+    """One line describing the machine the numbers come from."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def _fmt_ms(ms: float) -> str:
+    return f"{ms:.2f}" if ms < 10 else f"{ms:.1f}"
+
+
+def table(rows: list[dict]) -> str:
+    """One markdown table per suite: cases as rows, variants as columns, ``ms (ratio×)``."""
+    out = []
+    suites: OrderedDict[str, list[dict]] = OrderedDict()
+    for r in rows:
+        suites.setdefault(r["suite"], []).append(r)
+    for suite, rs in suites.items():
+        variants = list(OrderedDict.fromkeys(r["variant"] for r in rs))
+        cases = list(OrderedDict.fromkeys(r["case"] for r in rs))
+        cell = {(r["case"], r["variant"]): r for r in rs}
+        out.append(f"### {suite}\n")
+        if suite == "memory":
+            out.append("| case | variant | peak RSS / memory MiB | × floor | step MiB | step × floor |")
+            out.append("|---|---|---|---|---|---|")
+            for r in rs:
+                out.append(f"| {r['case']} | {r['variant']} | {r['peak_mb']:.0f} | {r['ratio']:.2f} | "
+                           f"{r['step_mb']:.0f} | {r['step_ratio']:.2f} |")
+        elif suite == "calibrate":
+            out.append("| case | t_factored ms | t_materialised ms | factored / materialised | cost model picks |")
+            out.append("|---|---|---|---|---|")
+            for r in rs:
+                pick = "factored" if r["predicted_factored"] else "materialised"
+                ok = (r["ratio"] < 1) == r["predicted_factored"] or 0.9 < r["ratio"] < 1.1
+                out.append(f"| {r['case']} | {_fmt_ms(r['ms_factored'])} | {_fmt_ms(r['ms_materialised'])} | "
+                           f"{r['ratio']:.2f} | {pick}{'' if ok else ' (miss)'} |")
+        elif suite == "merge_load":
+            out.append("| case | " + " | ".join(variants) + " |")
+            out.append("|---|" + "---|" * len(variants))
+            for c in cases:
+                vals = [f"{_fmt_ms(cell[(c, v)]['ms'])} ms" if (c, v) in cell else "–" for v in variants]
+                out.append(f"| {c} | " + " | ".join(vals) + " |")
+        else:
+            out.append("| case | " + " | ".join(variants) + " |")
+            out.append("|---|" + "---|" * len(variants))
+            for c in cases:
+                vals = []
+                for v in variants:
+                    r = cell.get((c, v))
+                    vals.append("–" if r is None else f"{_fmt_ms(r['ms'])} ms ({r['ratio']:.2f}×)")
+                out.append(f"| {c} | " + " | ".join(vals) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _get(rows: list[dict], suite: str, case_prefix: str, variant: str) -> dict | None:
+    return next((r for r in rows if r["suite"] == suite and r["case"].startswith(case_prefix) and r["variant"] == variant), None)
+
+
+def targets(rows: list[dict]) -> str:
+    """The issue's target ratios, computed from whatever suites ran."""
+    lines = ["| target | measured | goal | met |", "|---|---|---|---|"]
+
+    def add(name: str, a: dict | None, b: dict | None, goal: float, key: str = "ms") -> None:
+        if a is None or b is None:
+            return
+        v = a[key] / b[key]
+        lines.append(f"| {name} | {v:.2f}× | ≤ {goal:.2f}× | {'yes' if v <= goal else 'NO'} |")
+
+    lk = _get(rows, "llama", "r=8", "lohakit")
+    add("llama r=8 step: lohakit / floor", lk, _get(rows, "llama", "r=8", "floor"), 1.15)
+    add("llama r=8 step: lohakit / PEFT LoHa", lk, _get(rows, "llama", "r=8", "peft_loha"), 0.55)
+    add("llama r=8 step: lohakit / PEFT LoRA", lk, _get(rows, "llama", "r=8", "peft_lora"), 1.10)
+    for form in ("flat", "effective"):
+        add(f"conv 3x3 320ch 32² {form}: lohakit / PEFT LoHa", _get(rows, "conv", f"320ch 32² {form}", "lohakit"),
+            _get(rows, "conv", f"320ch 32² {form}", "peft_loha"), 0.5)
+    add("inference 1 token: lohakit unmerged / merged", _get(rows, "infer", "1 token", "lohakit"),
+        _get(rows, "infer", "1 token", "lohakit_merged"), 1.10)
+    add("inference 1 token: merged / base", _get(rows, "infer", "1 token", "lohakit_merged"),
+        _get(rows, "infer", "1 token", "floor"), 1.0)
+    add("memory: lohakit peak / floor peak", _get(rows, "memory", "train", "lohakit"),
+        _get(rows, "memory", "train", "floor"), 1.05, key="peak_mb")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def bar_chart(rows: list[dict], path: str) -> bool:
+    """Grouped bars of time ratio vs floor per (suite, case); False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    timed = [r for r in rows if r["suite"] in ("linear", "llama", "conv", "infer") and "ms" in r]
+    if not timed:
+        return False
+    groups = list(OrderedDict.fromkeys(f"{r['suite']}\n{r['case']}" for r in timed))
+    variants = list(OrderedDict.fromkeys(r["variant"] for r in timed))
+    cell = {(f"{r['suite']}\n{r['case']}", r["variant"]): r["ratio"] for r in timed}
+    width = 0.8 / len(variants)
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(groups)), 4.5))
+    for i, v in enumerate(variants):
+        xs = [g + i * width for g in range(len(groups))]
+        ax.bar(xs, [cell.get((grp, v), 0.0) for grp in groups], width, label=v)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
+    ax.set_xticklabels(groups, fontsize=7)
+    ax.set_ylabel("time / frozen-base floor")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7, ncol=4)
+    ax.set_title("lohakit benchmark: time relative to the frozen-base floor (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_results(rows: list[dict], path: str, command: str, notes: list[str]) -> None:
+    import datetime
+
+    png = os.path.splitext(path)[0] + ".png"
+    has_png = bar_chart(rows, png)
+    parts = [
+        "# lohakit benchmark results\n",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- machine: {machine()}",
+        f"- command: `{command}`",
+        *[f"- {n}" for n in notes],
+        "",
+        "Times are medians of interleaved repetitions; ratios are against the frozen-base floor",
+        "(the frozen model plus one trainable scalar that scales the input, so backward runs through",
+        "every layer). Every variant, the floor included, carries that scalar.",
+        "",
+    ]
+    t = targets(rows)
+    if t:
+        parts += ["## Targets (issue 6)\n", t, ""]
+    parts += ["## Tables\n", table(rows)]
+    if has_png:
+        parts += [f"![time ratios]({os.path.basename(png)})", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
