@@ -349,9 +349,9 @@ class LoHaLayer(nn.Module):
         if self.merged:
             return result
         previous_dtype = result.dtype
-        # The base output is ours to accumulate into, unless a forward hook on the base layer
-        # may have kept a reference to it.
-        owns_result = not self.base_layer._forward_hooks
+        # The base output is ours to accumulate into, unless a forward hook on the base layer (or
+        # a global one, nn.modules.module.register_module_forward_hook) may have kept a reference to it.
+        owns_result = not self.base_layer._forward_hooks and not nn.modules.module._global_forward_hooks
         for name in self._active_adapter:
             if name not in self.hada_w1_a:
                 continue
