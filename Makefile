@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml scripts/setup_venv.sh
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(PY) -m lohakit demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

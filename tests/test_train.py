@@ -9,6 +9,7 @@ is exact for float32).
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -310,3 +311,25 @@ def test_resume_from_another_base_model_refused(llama_dir, other_llama_dir, data
 def test_resume_without_checkpoint(llama_dir, data_txt, tmp_path, capsys):
     assert main(base_args(llama_dir, data_txt, tmp_path / "none") + ["--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_model_dir_tokenizer_is_used(tmp_path):
+    """A model directory with a tokenizer trains on its ids (not bytes); vocab checked against the model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted(set(PROSE.replace(".", " .").replace(",", " ,").split()))
+    vocab = {"[UNK]": 0, "[PAD]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    model_dir = make_llama(tmp_path / "wl")
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]").save_pretrained(str(model_dir))
+    from lohakit.textdata import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    assert tok.name != "bytes" and tok.encode("The quick")[:2] == [vocab["The"], vocab["quick"]]
+    data = tmp_path / "d.txt"
+    data.write_text(PROSE.replace(".", " .").replace(",", " ,"))
+    res = train(TrainConfig(model=str(model_dir), data=str(data), output_dir=str(tmp_path / "o"), seq_len=8, batch_size=2,
+                            max_steps=2, eval_every=0, save_every=0, progress=False, loha={"r": 2, "target_modules": ["q_proj"]}))
+    assert res["step"] == 2 and math.isfinite(res["eval_loss"])

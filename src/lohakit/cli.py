@@ -117,9 +117,9 @@ def _train_config(args: argparse.Namespace) -> Any:
     for dest in ("cpu", "resume", "overwrite", "progress"):
         if getattr(args, dest) is not None:
             data[dest] = getattr(args, dest)
+    if not isinstance(data.get("loha") or {}, dict):
+        raise ValueError(f"{source}: 'loha' must be a mapping of LoHaConfig fields, got {data['loha']!r}")
     loha = dict(data.get("loha") or {})
-    if not isinstance(data.get("loha", {}) or {}, dict):
-        raise ValueError(f"{source}: 'loha' must be a mapping of LoHaConfig fields")
     for key in ("r", "alpha", "target_modules"):
         v = getattr(args, f"loha_{key}")
         if v is not None:

@@ -34,7 +34,6 @@ import random
 import re
 import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -414,8 +413,8 @@ def _logits(out: Any) -> torch.Tensor:
     return logits
 
 
-def _batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean loss, number of predicted tokens / samples) for one batch.
+def _batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean loss, number of predicted tokens / samples, logits) for one batch.
 
     Causal LM: cross entropy of logits[:, t] against input_ids[:, t+1] over attended positions.
     """
@@ -426,9 +425,9 @@ def _batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> 
         target = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)  # (B, L-1)
         n = (target != -100).sum()
         loss = F.cross_entropy(shift.reshape(-1, shift.shape[-1]), target.reshape(-1), ignore_index=-100)
-        return loss, n
+        return loss, n, logits
     labels = batch["labels"]
-    return F.cross_entropy(logits.float(), labels), torch.tensor(labels.numel(), device=labels.device)
+    return F.cross_entropy(logits.float(), labels), torch.tensor(labels.numel(), device=labels.device), logits
 
 
 # ------------------------------------------------------------------------------------------
@@ -677,11 +676,11 @@ def train(cfg: TrainConfig, should_stop: Callable[[int], bool] | None = None) ->
         with torch.no_grad():
             for b in batches[rank::world]:
                 b = {k: v.to(acc.device) for k, v in b.items()}
-                loss, n = _batch_loss(model, b, cfg.task)
+                loss, n, logits = _batch_loss(model, b, cfg.task)
                 tot[0] += loss.double() * n
                 tot[1] += n
                 if cfg.task == "seq-cls":
-                    tot[2] += (_logits(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])).argmax(-1) == b["labels"]).sum()
+                    tot[2] += (logits.argmax(-1) == b["labels"]).sum()
         model.train()
         if world > 1:
             tot = acc.reduce(tot, reduction="sum")
@@ -773,7 +772,7 @@ def train(cfg: TrainConfig, should_stop: Callable[[int], bool] | None = None) ->
                 sync = micro == cfg.grad_accum - 1
                 ctx = acc.no_sync(model) if not sync else _null()
                 with ctx:
-                    loss, _ = _batch_loss(model, b, cfg.task)
+                    loss, _, _ = _batch_loss(model, b, cfg.task)
                     acc.backward(loss / cfg.grad_accum)
                 step_loss += loss.detach().double() / cfg.grad_accum
                 tokens += b["attention_mask"].sum()
