@@ -60,10 +60,10 @@ class DemoSettings:
     kv_heads: int = 2
     intermediate: int = 256
     seq_len: int = 128
-    batch: int = 16
-    pretrain_steps: int = 200
+    batch: int = 12
+    pretrain_steps: int = 160
     pretrain_lr: float = 5e-3
-    adapt_steps: int = 80
+    adapt_steps: int = 64
     #: Per-method learning rates, each the best of a small sweep at these sizes (held-out code
     #: perplexity; LoHa over {1e-2, 2e-2, 3e-2}, LoRA over {5e-3, 1e-2, 2e-2}). LoHa's product
     #: parametrisation (ΔW quadratic in the factors, w2_b = 0 at init) wants a larger one.
