@@ -730,3 +730,157 @@ def test_unusual_input_layouts(path: str):
         y.sum().backward()
         with torch.no_grad():
             torch.testing.assert_close(y, layer.base_layer(x) + delta(x), rtol=0, atol=TOL32)
+
+
+# ------------------------------------------------------------------ merging several adapters
+def test_safe_merge_checks_the_sum_of_adapters():
+    """Each adapter alone stays finite in fp16, their sum overflows: nothing may be merged.
+
+    (PEFT 0.21 raises too, but leaves the first adapter merged.)
+    """
+    base = nn.Sequential(nn.Linear(2, 2)).half()
+    with torch.no_grad():
+        base[0].weight.fill_(60000.0)
+    m = get_peft_model(base, LoHaConfig(target_modules=["0"], init_weights=False, r=1))
+    m.add_adapter("b", LoHaConfig(target_modules=["0"], init_weights=False, r=1))
+    layer = m.model[0]
+    with torch.no_grad():
+        for n in ("default", "b"):  # ΔW = 8 · 1 · 500 = 4000 per adapter
+            for f, v in (("hada_w1_a", 1.0), ("hada_w1_b", 1.0), ("hada_w2_a", 1.0), ("hada_w2_b", 500.0)):
+                getattr(layer, f)[n].fill_(v)
+    snap = snapshot(m)
+    with pytest.raises(ValueError, match="adapter 'b' gives non-finite weights; nothing merged"):
+        m.merge_adapter(adapter_names=["default", "b"], safe_merge=True)
+    assert_unchanged(m, snap)
+    assert layer.merged_adapters == []
+    m.merge_adapter(adapter_names=["default"], safe_merge=True)
+    assert layer.merged_adapters == ["default"] and torch.isfinite(layer.base_layer.weight).all()
+
+
+def test_repeated_adapter_names_apply_once():
+    """PEFT applies a repeated active adapter twice; lohakit de-duplicates the names."""
+    m = get_peft_model(mlp(), LoHaConfig(target_modules=["0"], init_weights=False))
+    with torch.no_grad():
+        once = m(X8)
+        m.set_adapter(["default", "default"])
+        assert m.active_adapters == ["default"]
+        torch.testing.assert_close(m(X8), once, rtol=0, atol=0)
+        w = m.model[0].base_layer.weight.clone()
+        m.merge_adapter(["default", "default"])
+        assert m.model[0].merged_adapters == ["default"]
+        torch.testing.assert_close(m.model[0].base_layer.weight, w + m.get_delta_weight("0"), rtol=0, atol=1e-6)
+
+
+def test_unused_rank_or_alpha_pattern_keys_warn_like_peft():
+    with pytest.warns(RuntimeWarning, match=r"rank_pattern key\(s\) \['q_proj'\] matched no adapted module"):
+        get_peft_model(mlp(), LoHaConfig(target_modules=["0"], rank_pattern={"q_proj": 2, "0": 3}))
+    with pytest.warns(RuntimeWarning, match=r"alpha_pattern key\(s\) \['\^2'\]"):
+        get_peft_model(mlp(), LoHaConfig(target_modules=["0"], alpha_pattern={"^2": 2.0}))
+
+
+# ------------------------------------------------------------------ defaults and all-linear on transformers models
+def test_default_targets_cover_peft_loha_mapping():
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    from lohakit.targets import DEFAULT_TARGET_MODULES
+
+    def norm(v):
+        return v if isinstance(v, str) else sorted(v)
+
+    for model_type, targets in PEFT_DEFAULTS.items():
+        assert model_type in DEFAULT_TARGET_MODULES, model_type
+        assert norm(DEFAULT_TARGET_MODULES[model_type]) == norm(targets), model_type
+
+
+def test_regex_default_targets_stay_a_regex():
+    class Cfg:
+        model_type = "gemma4"
+
+    base = nn.ModuleDict({"language_model": nn.ModuleDict({"layers": nn.ModuleList(
+        [nn.ModuleDict({"q_proj": nn.Linear(4, 4), "k_proj": nn.Linear(4, 4)})])})})
+    base.config = Cfg()
+    m = get_peft_model(base, LoHaConfig())
+    assert our_targets(m) == ["language_model.layers.0.q_proj"]
+    assert m.peft_config["default"].target_modules == r".*language_model\..*\.(q_proj|v_proj)"
+
+
+def _bert_mlm() -> nn.Module:
+    from transformers import BertConfig, BertForMaskedLM
+
+    return BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, max_position_embeddings=32))
+
+
+def _t5_small() -> nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=16, num_layers=1,
+                                               num_decoder_layers=1, num_heads=2, decoder_start_token_id=0))
+
+
+@pytest.mark.parametrize("build", [llama, _bert_mlm, _t5_small], ids=["llama", "bert_mlm", "t5"])
+def test_all_linear_on_transformers_models_equals_peft(build):
+    ours = get_peft_model(seeded(build), LoHaConfig(target_modules="all-linear"))
+    theirs = peft.get_peft_model(seeded(build), peft.LoHaConfig(target_modules="all-linear"))
+    assert our_targets(ours) == [t for t in peft_targets(theirs) if t]
+    assert not any(t.endswith(("lm_head", "predictions.decoder")) for t in our_targets(ours))
+
+
+@pytest.mark.parametrize("effective", [False, True])
+@pytest.mark.parametrize("kernel,dilation", [(4, 1), (3, 2), (2, 3)])
+def test_same_padding_with_reflect_mode_merged_equals_unmerged(kernel: int, dilation: int, effective: bool):
+    """'same' with an asymmetric total pad and a non-zero padding mode: every path matches the merge."""
+    base = seeded(lambda: nn.Sequential(nn.Conv2d(3, 5, kernel, padding="same", dilation=dilation, padding_mode="reflect")))
+    m = get_peft_model(base, LoHaConfig(target_modules=["0"], init_weights=False, r=2, use_effective_conv2d=effective))
+    x = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(2))
+    outs = []
+    for path in ("factored", "materialised"):
+        m.set_compute_path(path)
+        outs.append(m(x).detach())
+        with torch.no_grad():
+            outs.append(m(x))
+    with torch.no_grad():
+        m.merge_adapter()
+        merged = m(x)
+    for y in outs:
+        torch.testing.assert_close(y, merged, rtol=0, atol=TOL32)
+
+
+def test_unload_restores_the_original_modules_to_save_merge_and_unload_keeps_the_copy():
+    """Deliberate difference: PEFT 0.21's unload() keeps the trained copy of a modules_to_save module;
+    lohakit's unload() gives back the base model exactly as it was (merge_and_unload keeps the copy)."""
+    def adapted():
+        m = get_peft_model(net(), LoHaConfig(target_modules=["body"], modules_to_save=["head"]))
+        with torch.no_grad():
+            m.model.head.modules_to_save["default"][0].weight.add_(1.0)
+        return m
+
+    original = net().head[0].weight
+    assert torch.equal(adapted().unload().head[0].weight, original)
+    assert torch.equal(adapted().merge_and_unload().head[0].weight, original + 1.0)
+
+
+class WithMHA(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.attn(x, x, x)[0])
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["out_proj", "fc"], r".*(out_proj|fc)"], ids=["all", "list", "regex"])
+def test_multihead_attention_out_proj_is_skipped_with_a_warning(targets):
+    """nn.MultiheadAttention never calls out_proj: PEFT's LoHa wraps it anyway, and then its
+    adapter is ignored in training but applied when merged (merged != unmerged)."""
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(2))
+    with pytest.warns(UserWarning, match=r"not adapting \['attn.out_proj'\]: nn.MultiheadAttention"):
+        m = get_peft_model(seeded(WithMHA), LoHaConfig(target_modules=targets, init_weights=False))
+    assert our_targets(m) == ["fc"]
+    with torch.no_grad():
+        unmerged = m(x)
+        m.merge_adapter()
+        torch.testing.assert_close(m(x), unmerged, rtol=0, atol=TOL32)
+    with pytest.warns(UserWarning, match="MultiheadAttention"), pytest.raises(ValueError, match="matched no module"):
+        get_peft_model(seeded(WithMHA), LoHaConfig(target_modules=["out_proj"]))

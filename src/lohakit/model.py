@@ -11,6 +11,7 @@ import contextlib
 import copy
 import logging
 import re
+import warnings
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -18,7 +19,9 @@ import torch.nn as nn
 
 from .config import LoHaConfig
 from .layers import Conv1d, Conv2d, Conv3d, HFConv1D, Linear, LoHaLayer, geometry_of, _hf_conv1d_type
-from .targets import DEFAULT_TARGET_MODULES, is_excluded, is_under_modules_to_save, matches_target, rank_and_alpha
+from .targets import (
+    DEFAULT_TARGET_MODULES, is_excluded, is_under_modules_to_save, matches_target, pattern_key, rank_and_alpha,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,18 @@ def _check_adapter_name(name: str) -> None:
         )
     if "." in name:
         raise ValueError(f"invalid adapter name {name!r}: '.' would break parameter paths")
+
+
+def _warn_unused_patterns(config: LoHaConfig, keys: list[str]) -> None:
+    """Warn (as PEFT does) about rank_pattern / alpha_pattern keys that match no adapted module."""
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        unused = [p for p in getattr(config, field_name) if not any(pattern_key([p], k) for k in keys)]
+        if unused:
+            warnings.warn(
+                f"LoHaConfig.{field_name} key(s) {unused} matched no adapted module and were ignored",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -173,7 +188,8 @@ class LoHaModel(nn.Module):
                     "LoHaConfig.target_modules is None and there is no default for model_type "
                     f"{model_type!r}; give target_modules (known defaults: {sorted(self.target_module_mapping)})"
                 )
-            config.target_modules = list(self.target_module_mapping[model_type])
+            default = self.target_module_mapping[model_type]
+            config.target_modules = default if isinstance(default, str) else list(default)  # str: a regex
         return config
 
     def _output_layer_names(self) -> set[str]:
@@ -194,11 +210,20 @@ class LoHaModel(nn.Module):
         all_linear = config.target_modules == "all-linear"
         out_names = self._output_layer_names() if all_linear else set()
         linear_types: tuple[type, ...] = (nn.Linear,) + ((_hf_conv1d_type(),) if _hf_conv1d_type() else ())
+        # nn.MultiheadAttention reads out_proj.weight directly instead of calling out_proj, so an
+        # adapter there would act only once merged (PEFT's LoHa wraps it anyway): skip, with a warning.
+        mha_out = {n + ".out_proj" if n else "out_proj" for n, m in self.model.named_modules()
+                   if isinstance(m, nn.MultiheadAttention)}
+        skipped_mha: list[str] = []
         for name, module in self.model.named_modules():
             if not name or any(name.startswith(p) for p in skip_prefixes):
                 continue
             if isinstance(module, (LoHaLayer, ModulesToSaveWrapper)):
                 skip_prefixes.append(name + ".")
+            if name in mha_out:
+                if all_linear or matches_target(config, name):
+                    skipped_mha.append(name)
+                continue
             if all_linear:
                 base = module.base_layer if isinstance(module, LoHaLayer) else module
                 hit = (
@@ -212,6 +237,13 @@ class LoHaModel(nn.Module):
                 hit = matches_target(config, name)
             if hit:
                 targets.append((name, module))
+        if skipped_mha:
+            warnings.warn(
+                f"not adapting {skipped_mha[:5]}{' and more' if len(skipped_mha) > 5 else ''}: nn.MultiheadAttention "
+                "uses out_proj.weight directly, so a LoHa adapter there would have no effect unless merged",
+                UserWarning,
+                stacklevel=4,
+            )
         if not targets:
             sample = [n for n, _ in self.model.named_modules() if n][:20]
             raise ValueError(
@@ -285,6 +317,7 @@ class LoHaModel(nn.Module):
         targets = self._find_targets(config)
         self._check_modules_to_save(config)
         self._check_name_free(adapter_name, targets)
+        _warn_unused_patterns(config, [k for k, _ in targets])
         grad_flags = {id(p): p.requires_grad for p in self.model.parameters()}
         if not self.peft_config:  # the base model is frozen once, when the first adapter arrives
             for p in self.model.parameters():
@@ -377,7 +410,7 @@ class LoHaModel(nn.Module):
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Activate one adapter or several (their deltas add)."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        names = [adapter_name] if isinstance(adapter_name, str) else list(dict.fromkeys(adapter_name))  # no repeats
         missing = [n for n in names if n not in self.peft_config]
         if missing or not names:
             raise ValueError(f"unknown adapter(s) {missing or names}; available: {sorted(self.peft_config)}")
@@ -441,7 +474,7 @@ class LoHaModel(nn.Module):
         missing = [n for n in adapter_names if n not in self.peft_config]
         if missing:
             raise ValueError(f"unknown adapter(s) {missing}; available: {sorted(self.peft_config)}")
-        return list(adapter_names)
+        return list(dict.fromkeys(adapter_names))  # a repeated name must not merge twice
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Merge adapters (default: the active ones) into the base weights.
@@ -457,11 +490,12 @@ class LoHaModel(nn.Module):
                     layer._check_loaded(n, layer.factors(n), layer.base_layer.weight)
         if safe_merge:
             for layer in layers:
+                w = layer.base_layer.weight.detach()
                 for n in names if names is not None else layer.active_adapters:
                     if n in layer.hada_w1_a and n not in layer.merged_adapters:
                         with torch.no_grad():
-                            w = layer.base_layer.weight
-                            if not torch.isfinite(w + layer.get_delta_weight(n).to(w.dtype)).all():
+                            w = w + layer.get_delta_weight(n).to(w.dtype)  # cumulative, as merge() adds them
+                            if not torch.isfinite(w).all():
                                 raise ValueError(
                                     f"{layer.module_name}: merging adapter {n!r} gives non-finite weights; nothing merged"
                                 )

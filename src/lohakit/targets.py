@@ -20,7 +20,7 @@ __all__ = [
 #: Default target_modules per transformers ``model_type`` (attention query/value projections).
 #: gpt2-style models name their fused projection ``c_attn`` (a transformers Conv1D), which
 #: lohakit wraps, so they work out of the box.
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
     "t5": ["q", "v"],
     "mt5": ["q", "v"],
     "bart": ["q_proj", "v_proj"],
@@ -54,6 +54,20 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "clip_text_model": ["q_proj", "v_proj"],
     "vit": ["query", "value"],
     "whisper": ["q_proj", "v_proj"],
+    # further model types PEFT's LoHa mapping knows
+    "RefinedWeb": ["query_key_value"],
+    "RefinedWebModel": ["query_key_value"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
+    "btlm": ["c_proj", "c_attn"],
+    "chatglm": ["query_key_value"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "layoutlm": ["query", "value"],
+    "llama4": ["q_proj", "v_proj"],
+    "mpt": ["Wqkv"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
 
 
