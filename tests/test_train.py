@@ -333,3 +333,23 @@ def test_model_dir_tokenizer_is_used(tmp_path):
     res = train(TrainConfig(model=str(model_dir), data=str(data), output_dir=str(tmp_path / "o"), seq_len=8, batch_size=2,
                             max_steps=2, eval_every=0, save_every=0, progress=False, loha={"r": 2, "target_modules": ["q_proj"]}))
     assert res["step"] == 2 and math.isfinite(res["eval_loss"])
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"grad_accum": 2, "loha": {"r": 2, "module_dropout": 0.9, "target_modules": ["q_proj"]}},  # often no adapter at all
+        {"mixed_precision": "bf16", "lr_scheduler": "constant", "warmup_steps": 1},
+        {"eval_data": "SAME", "eval_fraction": 0.0},
+    ],
+    ids=["accum+module_dropout", "bf16", "eval_file"],
+)
+def test_training_options(extra, llama_dir, data_txt, tmp_path):
+    extra = dict(extra)
+    if extra.get("eval_data") == "SAME":
+        extra["eval_data"] = str(data_txt)
+    kw = dict(model=str(llama_dir), data=str(data_txt), output_dir=str(tmp_path / "o"), seq_len=32, batch_size=2, max_steps=3,
+              eval_every=0, save_every=0, progress=False, loha={"r": 2, "target_modules": ["q_proj", "v_proj"]})
+    kw.update(extra)
+    res = train(TrainConfig(**kw))
+    assert res["step"] == 3 and math.isfinite(res["train_loss"]) and math.isfinite(res["eval_loss"])

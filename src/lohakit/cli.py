@@ -84,8 +84,9 @@ def _add_train(sub: Any) -> None:
         help="fine-tune a model with a LoHa adapter on local text",
         description="Fine-tune a transformers model directory (or a model named by import path) with a LoHa "
         "adapter on local text. Settings come from CONFIG (.yaml/.json/.toml, keys as in the flags with "
-        "underscores, LoHa settings under 'loha') and/or flags; flags win. Multi-process: "
-        "accelerate launch --num_processes N -m lohakit train ...",
+        "underscores, LoHa settings under 'loha') and/or flags; flags win. Multi-process (DDP; gloo on CPU): "
+        "accelerate launch --multi_gpu --num_processes N -m lohakit train ... (accelerate needs --multi_gpu "
+        "to start several processes, also on a CPU-only machine).",
     )
     p.add_argument("config", nargs="?", help="YAML/JSON/TOML file with the training settings")
     for flag, (dest, kw) in _TRAIN_FLAGS.items():
@@ -97,9 +98,9 @@ def _add_train(sub: Any) -> None:
                    help="replace lohakit's files in an existing --output-dir")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     g = p.add_argument_group("LoHa adapter (override the config file's 'loha' section)")
-    g.add_argument("-r", "--rank", dest="loha_r", type=int, help="rank of each Hadamard branch")
-    g.add_argument("--alpha", dest="loha_alpha", type=float, help="scale numerator: ΔW is scaled by alpha / r")
-    g.add_argument("--target-modules", dest="loha_target_modules", type=_target_list,
+    g.add_argument("-r", "--rank", dest="loha_r", type=int, metavar="R", help="rank of each Hadamard branch")
+    g.add_argument("--alpha", dest="loha_alpha", type=float, metavar="ALPHA", help="scale numerator: ΔW is scaled by alpha / r")
+    g.add_argument("--target-modules", dest="loha_target_modules", type=_target_list, metavar="MODULES",
                    help="comma-separated module names, 'all-linear', or a regex")
     g.add_argument("--loha", dest="loha_extra", action="append", type=_kv, default=[], metavar="KEY=VALUE",
                    help="any other LoHaConfig field (VALUE parsed as JSON), repeatable")

@@ -773,6 +773,8 @@ def train(cfg: TrainConfig, should_stop: Callable[[int], bool] | None = None) ->
                 ctx = acc.no_sync(model) if not sync else _null()
                 with ctx:
                     loss, _, _ = _batch_loss(model, b, cfg.task)
+                    if needs_unused:  # module_dropout may skip every adapter: keep them in the graph (grad 0)
+                        loss = loss + 0.0 * sum(p.sum() for p in params)
                     acc.backward(loss / cfg.grad_accum)
                 step_loss += loss.detach().double() / cfg.grad_accum
                 tokens += b["attention_mask"].sum()
