@@ -884,3 +884,33 @@ def test_multihead_attention_out_proj_is_skipped_with_a_warning(targets):
         torch.testing.assert_close(m(x), unmerged, rtol=0, atol=TOL32)
     with pytest.warns(UserWarning, match="MultiheadAttention"), pytest.raises(ValueError, match="matched no module"):
         get_peft_model(seeded(WithMHA), LoHaConfig(target_modules=["out_proj"]))
+
+
+@pytest.mark.parametrize("effective", [False, True])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_double_backward_gradient_penalty_equals_plain_formula(kind: str, effective: bool):
+    """d/dθ ‖∂L/∂x‖² (a gradient penalty) through the custom autograd paths, float64 to 1e-12."""
+    base = seeded(lambda: nn.Sequential(nn.Linear(4, 3) if kind == "linear" else nn.Conv2d(2, 3, 3, padding=1)))
+    m = get_peft_model(base, LoHaConfig(target_modules=["0"], init_weights=False, r=2, use_effective_conv2d=effective))
+    m.double()
+    layer = m.model[0]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(*((2, 4) if kind == "linear" else (1, 2, 4, 4)), generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(layer.base_layer(x).shape, generator=g, dtype=torch.float64)
+    grads = {}
+    for path in ("factored", "materialised", "reference"):
+        for p in m.parameters():
+            p.grad = None
+        if path == "reference":
+            dw = layer.get_delta_weight("default")
+            delta = x @ dw.T if kind == "linear" else nn.functional.conv2d(x, dw, padding=1)
+            out = layer.base_layer(x) + delta
+        else:
+            m.set_compute_path(path)
+            out = layer(x)
+        (gx,) = torch.autograd.grad((out * w).sum(), x, create_graph=True)
+        (gx ** 2).sum().backward()
+        grads[path] = [layer.factors("default")[i].grad.clone() for i in range(4)]
+    for path in ("factored", "materialised"):
+        for a, b in zip(grads[path], grads["reference"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
