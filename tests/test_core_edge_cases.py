@@ -914,3 +914,34 @@ def test_double_backward_gradient_penalty_equals_plain_formula(kind: str, effect
     for path in ("factored", "materialised"):
         for a, b in zip(grads[path], grads["reference"]):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_modules_to_save_wrapper_attributes_follow_the_running_module_like_peft():
+    m = get_peft_model(net(), LoHaConfig(target_modules=["body"], modules_to_save=["head"]))
+    m.add_adapter("b", LoHaConfig(target_modules=["body"], modules_to_save=["head"]))
+    w = m.model.head
+    assert getattr(w, "0") is w.modules_to_save["default"][0]
+    m.set_adapter("b")
+    assert getattr(w, "0") is w.modules_to_save["b"][0]
+    with m.disable_adapter():
+        assert getattr(w, "0") is w.original_module[0]
+
+
+@pytest.mark.parametrize("path", ["factored", "materialised"])
+def test_flat_and_tucker_adapters_of_different_rank_on_one_conv_equal_peft(path: str):
+    base = nn.Sequential(seeded(lambda: nn.Conv2d(3, 6, 3, padding=1)))
+    ours, theirs = twins(base, target_modules=["0"], init_weights=False, r=2)
+    ours.add_adapter("t", LoHaConfig(target_modules=["0"], init_weights=False, r=3, alpha=5, use_effective_conv2d=True))
+    theirs.add_adapter("t", peft.LoHaConfig(target_modules=["0"], init_weights=False, r=3, alpha=5, use_effective_conv2d=True))
+    with torch.no_grad():
+        for f in LoHaLayer.adapter_layer_names:
+            getattr(theirs.base_model.model[0], f)["t"].copy_(getattr(ours.model[0], f)["t"])
+    ours.set_adapter(["default", "t"])
+    theirs.base_model.set_adapter(["default", "t"])
+    ours.set_compute_path(path)
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y = ours(x)
+        torch.testing.assert_close(y, theirs(x), rtol=0, atol=TOL32)
+        ours.merge_adapter()
+        torch.testing.assert_close(ours(x), y, rtol=0, atol=TOL32)

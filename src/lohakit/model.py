@@ -91,9 +91,10 @@ class ModulesToSaveWrapper(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("original_module", "modules_to_save"):
+            if name in ("original_module", "modules_to_save") or "_active" not in self.__dict__:
                 raise
-            return getattr(self.original_module, name)
+            # as PEFT: attributes (weight, out_features, ...) are those of the module that runs
+            return getattr(self.active_module(), name)
 
 
 class LoHaModel(nn.Module):
