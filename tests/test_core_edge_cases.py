@@ -945,3 +945,10 @@ def test_flat_and_tucker_adapters_of_different_rank_on_one_conv_equal_peft(path:
         torch.testing.assert_close(y, theirs(x), rtol=0, atol=TOL32)
         ours.merge_adapter()
         torch.testing.assert_close(ours(x), y, rtol=0, atol=TOL32)
+
+
+def test_all_linear_ignores_layers_to_transform_like_peft_with_a_warning():
+    with pytest.warns(UserWarning, match="layers_to_transform is ignored with target_modules='all-linear'"):
+        ours = get_peft_model(seeded(llama), LoHaConfig(target_modules="all-linear", layers_to_transform=[1]))
+    theirs = peft.get_peft_model(seeded(llama), peft.LoHaConfig(target_modules="all-linear", layers_to_transform=[1]))
+    assert our_targets(ours) == [t for t in peft_targets(theirs) if t] and len(our_targets(ours)) == 14

@@ -210,6 +210,13 @@ class LoHaModel(nn.Module):
         targets: list[tuple[str, nn.Module]] = []
         all_linear = config.target_modules == "all-linear"
         out_names = self._output_layer_names() if all_linear else set()
+        if all_linear and config.layers_to_transform not in (None, []):
+            warnings.warn(
+                "LoHaConfig.layers_to_transform is ignored with target_modules='all-linear' (as in PEFT, which "
+                "expands 'all-linear' to full module paths); list the modules or use a regex to select layers",
+                UserWarning,
+                stacklevel=4,
+            )
         linear_types: tuple[type, ...] = (nn.Linear,) + ((_hf_conv1d_type(),) if _hf_conv1d_type() else ())
         # nn.MultiheadAttention reads out_proj.weight directly instead of calling out_proj, so an
         # adapter there would act only once merged (PEFT's LoHa wraps it anyway): skip, with a warning.
