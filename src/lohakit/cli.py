@@ -169,6 +169,8 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--no-lora", action="store_true", help="skip the PEFT LoRA comparison")
     p.add_argument("--rebuild-base", action="store_true", help="pretrain the base model again even when cached")
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: fastest at the demo's sizes, on a busy machine by far; 0 keeps torch's default)")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -177,7 +179,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(
         cache_dir=args.cache_dir, output_dir=args.output_dir, quick=args.quick, with_lora=not args.no_lora,
-        rebuild_base=args.rebuild_base, seed=args.seed,
+        rebuild_base=args.rebuild_base, seed=args.seed, threads=args.threads or None,
     )
     return EXIT_OK
 
