@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import io
 import json
+import warnings
 
 import peft
 import pytest
@@ -952,3 +953,25 @@ def test_all_linear_ignores_layers_to_transform_like_peft_with_a_warning():
         ours = get_peft_model(seeded(llama), LoHaConfig(target_modules="all-linear", layers_to_transform=[1]))
     theirs = peft.get_peft_model(seeded(llama), peft.LoHaConfig(target_modules="all-linear", layers_to_transform=[1]))
     assert our_targets(ours) == [t for t in peft_targets(theirs) if t] and len(our_targets(ours)) == 14
+
+
+class Aliased(nn.Module):
+    """One Linear registered under two names (PEFT, like lohakit, adapts only the first name)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = self.a
+        self.c = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(self.a(x)))
+
+
+def test_module_registered_under_two_names_warns():
+    with pytest.warns(UserWarning, match=r"modules \['a'\] are registered under more than one name"):
+        m = get_peft_model(seeded(Aliased), LoHaConfig(target_modules=["a", "b", "c"]))
+    assert our_targets(m) == ["a", "c"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_peft_model(seeded(Aliased), LoHaConfig(target_modules=["c"]))

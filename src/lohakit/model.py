@@ -245,6 +245,17 @@ class LoHaModel(nn.Module):
                 hit = matches_target(config, name)
             if hit:
                 targets.append((name, module))
+        counts: dict[int, int] = {}
+        for _, m in self.model.named_modules(remove_duplicate=False):
+            counts[id(m)] = counts.get(id(m), 0) + 1
+        aliased = [n for n, m in targets if counts.get(id(m), 1) > 1]
+        if aliased:
+            warnings.warn(
+                f"modules {aliased[:5]} are registered under more than one name; only the first name is adapted "
+                "(calls through the other names skip the adapter until it is merged)",
+                UserWarning,
+                stacklevel=4,
+            )
         if skipped_mha:
             warnings.warn(
                 f"not adapting {skipped_mha[:5]}{' and more' if len(skipped_mha) > 5 else ''}: nn.MultiheadAttention "
