@@ -475,6 +475,8 @@ def test_lycoris_init_for_tucker_conv():
     for k in ("hada_w1_a", "hada_w1_b", "hada_w2_b", "hada_t1", "hada_t2"):
         assert torch.count_nonzero(f[k]) == f[k].numel(), k
     assert torch.count_nonzero(layer.get_delta_weight("default")) == 0
+    for k in ("hada_t1", "hada_t2"):  # LyCORIS: cores ~ N(0, 0.1) (576 samples each)
+        assert 0.07 < f[k].std().item() < 0.13, k
     x = torch.randn(1, 3, 5, 5)
     with torch.no_grad():
         torch.testing.assert_close(m(x), layer.base_layer(x), rtol=0, atol=0)
@@ -975,3 +977,21 @@ def test_module_registered_under_two_names_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         get_peft_model(seeded(Aliased), LoHaConfig(target_modules=["c"]))
+
+
+def test_trainable_counts_with_modules_to_save_equal_peft():
+    class Small(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.body(x))
+
+    ours = get_peft_model(Small(), LoHaConfig(target_modules=["body"], modules_to_save=["head"], r=2))
+    theirs = peft.get_peft_model(Small(), peft.LoHaConfig(target_modules=["body"], modules_to_save=["head"], r=2))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters() == (42, 72)
+    ours.add_adapter("b", LoHaConfig(target_modules=["body"], r=2))
+    theirs.add_adapter("b", peft.LoHaConfig(target_modules=["body"], r=2))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters() == (42, 104)
