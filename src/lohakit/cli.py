@@ -8,11 +8,12 @@ prints the traceback instead of the one-line message.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -279,18 +280,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar
-    for name in ("transformers", "accelerate", "huggingface_hub"):
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Offline, no advisory warnings or progress bars from transformers/accelerate; restored on exit.
+
+    Restoring matters when :func:`main` is called in-process (tests, notebooks).
+    """
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "TRANSFORMERS_VERBOSITY": "error",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # the last one: transformers' "Loading weights" bar
+    added = [k for k in env if k not in os.environ]
+    for k in added:
+        os.environ[k] = env[k]
+    loggers = {name: logging.getLogger(name).level for name in ("transformers", "accelerate", "huggingface_hub")}
+    for name in loggers:
         logging.getLogger(name).setLevel(logging.ERROR)
-    if "transformers" in sys.modules:  # imported before main() ran: the env vars came too late
+    hf_state = None
+    if "transformers" in sys.modules:  # imported before main() ran: the env vars come too late
         from transformers.utils import logging as hf_logging
 
+        hf_state = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+        for name, level in loggers.items():
+            logging.getLogger(name).setLevel(level)
+        if hf_state is not None:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity(hf_state[0])
+            (hf_logging.enable_progress_bar if hf_state[1] else hf_logging.disable_progress_bar)()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -298,7 +320,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _quiet_libraries()
+    with _quiet_libraries():
+        return _main(argv, debug)
+
+
+def _main(argv: list[str], debug: bool) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

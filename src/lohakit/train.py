@@ -23,6 +23,7 @@ directory as it was.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -34,6 +35,7 @@ import random
 import re
 import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -742,8 +744,6 @@ def train(cfg: TrainConfig, should_stop: Callable[[int], bool] | None = None) ->
         stop["flag"] = True
         signal.signal(signal.SIGINT, old_handler if old_handler is not None else signal.default_int_handler)
 
-    import threading
-
     if threading.current_thread() is threading.main_thread():
         old_handler = signal.getsignal(signal.SIGINT)
         signal.signal(signal.SIGINT, on_sigint)
@@ -770,7 +770,7 @@ def train(cfg: TrainConfig, should_stop: Callable[[int], bool] | None = None) ->
                 b = data.batch(step, micro, cfg.grad_accum, global_batch, rank, world)
                 b = {k: v.to(acc.device) for k, v in b.items()}
                 sync = micro == cfg.grad_accum - 1
-                ctx = acc.no_sync(model) if not sync else _null()
+                ctx = acc.no_sync(model) if not sync else contextlib.nullcontext()
                 with ctx:
                     loss, _, _ = _batch_loss(model, b, cfg.task)
                     if needs_unused:  # module_dropout may skip every adapter: keep them in the graph (grad 0)
@@ -822,6 +822,10 @@ def train(cfg: TrainConfig, should_stop: Callable[[int], bool] | None = None) ->
             bar.close()
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
+        if world == 1:  # leave no accelerate singleton (mixed precision, cpu) behind for the caller
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
     return {
         "step": step,
         "train_loss": last_loss,
@@ -840,11 +844,3 @@ def train(cfg: TrainConfig, should_stop: Callable[[int], bool] | None = None) ->
 def _eval_line(rec: dict[str, Any]) -> str:
     extra = f"ppl {rec['eval_ppl']:.3f}" if "eval_ppl" in rec else f"accuracy {rec.get('eval_accuracy', float('nan')):.3f}"
     return f"step {rec['step']}: eval loss {rec['eval_loss']:.4f}, {extra}"
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
