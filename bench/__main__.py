@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -49,12 +50,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch CPU threads (1 is far less noisy on an oversubscribed machine)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"))
     p.add_argument("--no-write", action="store_true", help="print the tables only")
+    p.add_argument("--note", action="append", default=[], help="a line to add to RESULTS.md (repeatable)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other suites' rows from the existing RESULTS.json (re-run only some suites)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # memory-suite subprocesses
-    suites = SUITES[:-1] if "all" in args.suites else tuple(dict.fromkeys(args.suites))
+    named = [s for s in args.suites if s != "all"]
+    suites = tuple(dict.fromkeys(([*SUITES[:-1]] if "all" in args.suites else []) + named))  # all = every timing suite
     from .report import table, targets, write_results
 
     load0 = os.getloadavg()
@@ -71,8 +76,26 @@ def main(argv: list[str] | None = None) -> int:
         notes = [
             f"threads: {torch.get_num_threads()}; load average (1 min) before/after: {load0[0]:.1f} / {load1[0]:.1f}",
             f"wall time: {time.perf_counter() - t0:.0f} s",
+            *args.note,
         ]
-        write_results(rows, args.out, "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]), notes)
+        if args.device == "cpu":
+            notes.append("CPU sizes (BRIEF §6 CPU setting, fp32); the GPU sizes and targets need a CUDA "
+                         "machine: run the same command there (it switches to the bf16 GPU shapes)")
+        command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+        json_path = os.path.splitext(args.out)[0] + ".json"
+        runs = [{"command": command, "suites": list(suites), "notes": notes}]
+        if args.merge and os.path.exists(json_path):
+            with open(json_path) as f:
+                old = json.load(f)
+            rows = [r for r in old["rows"] if r["suite"] not in suites] + rows
+            runs = [r for r in old.get("runs", []) if set(r["suites"]) - set(suites)] + runs
+        with open(json_path, "w") as f:
+            json.dump({"rows": rows, "runs": runs}, f, indent=1)
+        if len(runs) == 1:
+            write_results(rows, args.out, command, notes)
+        else:  # merged: one command line (and its notes) per run, naming the suites it produced
+            lines = [f"`{r['command']}` → {', '.join(r['suites'])}; " + "; ".join(r["notes"]) for r in runs]
+            write_results(rows, args.out, " ; ".join(r["command"] for r in runs), lines)
         print(f"[bench] wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -39,7 +39,7 @@ def run(quick: bool, device: str, reps: int | None = None) -> list[dict]:
             layer = next(l for _, l in fns["lohakit_factored"].model.model.loha_layers())
             geom = layer.geometry
             n_out = base(x).numel() // geom.out_features
-            pred = Fn.prefer_factored(geom, (r, r), False, n_out, n_out)
+            pred = Fn.prefer_factored(geom, (r, r), False, n_out, n_out, training=True)  # fwd+bwd timed
             rows.append({"suite": "calibrate", "case": f"{name} r={r}", "variant": "factored/materialised",
                          "ratio": med["lohakit_factored"] / med["lohakit_mat"], "predicted_factored": pred,
                          "ms_factored": med["lohakit_factored"], "ms_materialised": med["lohakit_mat"]})

@@ -95,7 +95,7 @@ def targets(rows: list[dict]) -> str:
         _get(rows, "infer", "1 token", "lohakit_merged"), 1.10)
     add("inference 1 token: merged / base", _get(rows, "infer", "1 token", "lohakit_merged"),
         _get(rows, "infer", "1 token", "floor"), 1.0)
-    add("memory: lohakit peak / floor peak", _get(rows, "memory", "train", "lohakit"),
+    add("memory (GPU target; here CPU peak RSS): lohakit / floor", _get(rows, "memory", "train", "lohakit"),
         _get(rows, "memory", "train", "floor"), 1.05, key="peak_mb")
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -154,6 +154,10 @@ def write_results(rows: list[dict], path: str, command: str, notes: list[str]) -
     if t:
         parts += ["## Targets (issue 6)\n", t, ""]
     parts += ["## Tables\n", table(rows)]
+    notes_md = os.path.join(os.path.dirname(os.path.abspath(__file__)), "NOTES.md")
+    if os.path.exists(notes_md):  # hand-written analysis kept across runs
+        with open(notes_md) as f:
+            parts += ["", f.read()]
     if has_png:
         parts += [f"![time ratios]({os.path.basename(png)})", ""]
     with open(path, "w") as f:
