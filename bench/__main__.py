@@ -43,7 +43,8 @@ def _run_suite(name: str, quick: bool, device: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("suites", nargs="+", choices=[*SUITES, "all"])
+    p.add_argument("suites", nargs="+", choices=[*SUITES, "all", "render"],
+                   help="suites to run; 'render' rewrites RESULTS.md from RESULTS.json without running")
     p.add_argument("--quick", action="store_true", help="smallest sizes and fewest repetitions")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None,
@@ -60,8 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # memory-suite subprocesses
     named = [s for s in args.suites if s != "all"]
     suites = tuple(dict.fromkeys(([*SUITES[:-1]] if "all" in args.suites else []) + named))  # all = every timing suite
-    from .report import table, targets, write_results
+    from .report import machine, table, targets
 
+    json_path = os.path.splitext(args.out)[0] + ".json"
+    if "render" in args.suites:
+        with open(json_path) as f:
+            saved = json.load(f)
+        _write(saved["rows"], saved["runs"], args.out)
+        return 0
     load0 = os.getloadavg()
     rows: list[dict] = []
     t0 = time.perf_counter()
@@ -82,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
             notes.append("CPU sizes (BRIEF §6 CPU setting, fp32); the GPU sizes and targets need a CUDA "
                          "machine: run the same command there (it switches to the bf16 GPU shapes)")
         command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
-        json_path = os.path.splitext(args.out)[0] + ".json"
-        runs = [{"command": command, "suites": list(suites), "notes": notes}]
+        import datetime
+
+        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        runs = [{"command": command, "suites": list(suites), "notes": notes, "date": date, "machine": machine()}]
         if args.merge and os.path.exists(json_path):
             with open(json_path) as f:
                 old = json.load(f)
@@ -91,13 +100,22 @@ def main(argv: list[str] | None = None) -> int:
             runs = [r for r in old.get("runs", []) if set(r["suites"]) - set(suites)] + runs
         with open(json_path, "w") as f:
             json.dump({"rows": rows, "runs": runs}, f, indent=1)
-        if len(runs) == 1:
-            write_results(rows, args.out, command, notes)
-        else:  # merged: one command line (and its notes) per run, naming the suites it produced
-            lines = [f"`{r['command']}` → {', '.join(r['suites'])}; " + "; ".join(r["notes"]) for r in runs]
-            write_results(rows, args.out, " ; ".join(r["command"] for r in runs), lines)
+        _write(rows, runs, args.out)
         print(f"[bench] wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def _write(rows: list[dict], runs: list[dict], out: str) -> None:
+    from .report import write_results
+
+    if len(runs) == 1:
+        r = runs[0]
+        write_results(rows, out, r["command"], r["notes"], r.get("date"), r.get("machine"))
+    else:  # merged: one line per run, naming the suites it produced
+        lines = [f"run {r.get('date', '?')}: `{r['command']}` → {', '.join(r['suites'])}; " + "; ".join(r["notes"])
+                 for r in runs]
+        write_results(rows, out, " ; ".join(r["command"] for r in runs), lines, runs[-1].get("date"),
+                      runs[-1].get("machine"))
 
 
 if __name__ == "__main__":

@@ -133,15 +133,17 @@ def bar_chart(rows: list[dict], path: str) -> bool:
     return True
 
 
-def write_results(rows: list[dict], path: str, command: str, notes: list[str]) -> None:
+def write_results(rows: list[dict], path: str, command: str, notes: list[str], date: str | None = None,
+                  machine_str: str | None = None) -> None:
     import datetime
 
+    date = date or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     png = os.path.splitext(path)[0] + ".png"
     has_png = bar_chart(rows, png)
     parts = [
         "# lohakit benchmark results\n",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {machine()}",
+        f"- date: {date}",
+        f"- machine: {machine_str or machine()}",
         f"- command: `{command}`",
         *[f"- {n}" for n in notes],
         "",
@@ -154,11 +156,11 @@ def write_results(rows: list[dict], path: str, command: str, notes: list[str]) -
     if t:
         parts += ["## Targets (issue 6)\n", t, ""]
     parts += ["## Tables\n", table(rows)]
+    if has_png:
+        parts += [f"![time ratios]({os.path.basename(png)})", ""]
     notes_md = os.path.join(os.path.dirname(os.path.abspath(__file__)), "NOTES.md")
     if os.path.exists(notes_md):  # hand-written analysis kept across runs
         with open(notes_md) as f:
             parts += ["", f.read()]
-    if has_png:
-        parts += [f"![time ratios]({os.path.basename(png)})", ""]
     with open(path, "w") as f:
         f.write("\n".join(parts))
