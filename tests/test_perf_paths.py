@@ -278,3 +278,17 @@ def test_compiled_model_matches_eager_forward_and_backward(effective: bool) -> N
     compiled.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_large_delta_is_not_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ΔW costs as much memory as the base weight: above the limit it is rebuilt per call."""
+    monkeypatch.setattr(Fn, "EVAL_CACHE_MAX_DELTA_NUMEL", 100)  # inp (144x12) and out (7x180) exceed it
+    m = _model()
+    m.set_compute_path("materialised")
+    m.eval()
+    x = torch.randn(3, 12, dtype=D)
+    with torch.no_grad():
+        y = m(x)
+    assert "delta" not in m.model.inp._eval_cache["default"][1]
+    assert "delta" in m.model.pw._eval_cache["default"][1]  # 5x6 ΔW: small enough to keep
+    torch.testing.assert_close(y, _reference(m, x), **TOL64_PATHS)

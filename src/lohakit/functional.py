@@ -734,6 +734,12 @@ def loha_delta_forward(
     return y.squeeze(0) if unbatched else y
 
 
+#: Largest ΔW (elements) the inference cache keeps. A cached ΔW costs as much memory as the
+#: base weight, so large layers whose cost model picks the materialised path (very high ranks)
+#: rebuild ΔW per call instead of doubling the model's memory; their P, Q are still cached.
+EVAL_CACHE_MAX_DELTA_NUMEL = 2**20
+
+
 def _is_compiling() -> bool:
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and compiler.is_compiling())
@@ -764,12 +770,14 @@ def _delta_forward_nograd(
     cached ΔW the cost model drops the build term (it is paid once), see :func:`prefer_factored`.
     """
     dtype = base_out.dtype
+    # A cached ΔW is as large as the base weight: only small layers keep one (see the constant).
+    cache_delta = cache is not None and geom.out_features * geom.flat_in <= EVAL_CACHE_MAX_DELTA_NUMEL
     if path == "auto":
         n_out, n_in = _positions(x, base_out, geom)
         decided = cache.get(("path", n_out, n_in)) if cache is not None else None  # per call shape
         if decided is None:
             decided = "factored" if prefer_factored(
-                geom, factors.ranks, factors.tucker, n_out, n_in, build_delta=cache is None
+                geom, factors.ranks, factors.tucker, n_out, n_in, build_delta=not cache_delta
             ) else "materialised"
             if cache is not None:
                 cache[("path", n_out, n_in)] = decided
@@ -787,7 +795,7 @@ def _delta_forward_nograd(
                 shape = (1, -1) if geom.transposed else (-1, *[1] * (dw.dim() - 1))
                 dw = dw * row_mask.to(dw.device).view(shape)
             dw = dw.to(dtype)
-            if cache is not None:
+            if cache_delta:
                 cache["delta"] = dw
         xp, g2 = _prepad(x, geom)
         y = apply_delta_weight(xp, dw, g2).to(dtype)
