@@ -88,6 +88,48 @@ def test_factored_linear_matches_formula_and_skips_unneeded_grads() -> None:
     assert all(p.grad is not None for p in f) and x.grad is None
 
 
+@pytest.mark.parametrize("vector_scale", [False, True], ids=["scalar", "row_mask"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_factored_linear_fused_gradcheck_float64(vector_scale: bool, bias: bool) -> None:
+    out_f, in_f, r1, r2 = 5, 4, 2, 3
+    x = torch.randn(2, 3, in_f, dtype=D, requires_grad=True)
+    weight = torch.randn(out_f, in_f, dtype=D)
+    b = torch.randn(out_f, dtype=D) if bias else None
+    w1a, w2a = (torch.randn(out_f, r, dtype=D, requires_grad=True) for r in (r1, r2))
+    w1b, w2b = (torch.randn(r, in_f, dtype=D, requires_grad=True) for r in (r1, r2))
+    scale = torch.rand(out_f, dtype=D) + 0.5 if vector_scale else 0.7
+
+    def f(x, w1a, w1b, w2a, w2b):
+        return Fn.FactoredLinearFused.apply(x, weight, b, w1a, w1b, w2a, w2b, scale)
+
+    assert torch.autograd.gradcheck(f, (x, w1a, w1b, w2a, w2b))
+    dw = (w1a @ w1b) * (w2a @ w2b) * (scale[:, None] if vector_scale else scale)
+    expected = torch.nn.functional.linear(x, weight + dw, b)
+    torch.testing.assert_close(f(x, w1a, w1b, w2a, w2b), expected, **TOL64)
+
+
+def test_layer_fused_path_matches_general_path() -> None:
+    """A forward hook on the base layer disables the fused path: both must agree, grads too."""
+    fused, general = _model(), _model()
+    general.model.inp.base_layer.register_forward_hook(lambda *a: None)
+    general.model.out.base_layer.register_forward_hook(lambda *a: None)
+    x = torch.randn(3, 12, dtype=D, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    layer = fused.model.inp
+    assert Fn.fused_linear_applicable(layer.base_layer, x, layer.factors("default"))
+    assert not Fn.fused_linear_applicable(general.model.inp.base_layer, x, layer.factors("default"))
+    assert "FactoredLinearFused" in type(layer(x).grad_fn).__name__
+    assert "FactoredLinearFused" not in type(general.model.inp(x).grad_fn).__name__
+    y1, y2 = fused(x), general(x2)
+    torch.testing.assert_close(y1, y2, **TOL64)
+    y1.pow(2).sum().backward()
+    y2.pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, **TOL64)
+    for (n, p), (_, q) in zip(fused.named_parameters(), general.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, **TOL64, msg=n)
+
+
 # ------------------------------------------------------------------------------------------
 # No-grad fast path
 # ------------------------------------------------------------------------------------------
@@ -292,3 +334,14 @@ def test_large_delta_is_not_cached(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "delta" not in m.model.inp._eval_cache["default"][1]
     assert "delta" in m.model.pw._eval_cache["default"][1]  # 5x6 ΔW: small enough to keep
     torch.testing.assert_close(y, _reference(m, x), **TOL64_PATHS)
+
+
+def test_fused_path_steps_aside_under_autocast() -> None:
+    m = _model(dtype=torch.float32).train()
+    x = torch.randn(3, 12, requires_grad=True)
+    layer = m.model.inp
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not Fn.fused_linear_applicable(layer.base_layer, x, layer.factors("default"))
+        y = m(x)
+    y.float().pow(2).sum().backward()
+    assert layer.hada_w1_a["default"].grad is not None

@@ -38,6 +38,7 @@ __all__ = [
     "HadaWeightTucker",
     "StageChain",
     "FactoredLinear",
+    "FactoredLinearFused",
     "khatri_rao_rows",
     "khatri_rao_cols",
     "factor_shapes",
@@ -464,6 +465,88 @@ class FactoredLinear(torch.autograd.Function):
                     g_w2b = (dq * w1b.unsqueeze(1)).sum(0)  # (r2, in)
         g_base = g if ctx.has_base and need[1] else None
         return g_x, g_base, g_w1a, g_w1b, g_w2a, g_w2b, None
+
+
+class FactoredLinearFused(torch.autograd.Function):
+    """A frozen ``nn.Linear`` and one LoHa adapter in one node: ``y = x Wᵀ + b + (x Qᵀ) Pᵀ``.
+
+    Same math as :class:`FactoredLinear`, with the base layer folded in: the output is
+    allocated once (the base GEMM writes it, the adapter accumulates with ``addmm_``, no copy
+    of an ``N × out`` base output), and ``dL/dx = G W + dh Q`` is one GEMM plus one ``addmm_``
+    instead of two ``N × in`` tensors summed by autograd. Saves ``x``, ``h``, W (a reference)
+    and the factors. The base weight and bias must not require grad (the caller checks).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, w1a, w1b, w2a, w2b, out_scale):  # type: ignore[override]
+        dtype = x.dtype
+        q = khatri_rao_cols(w1b, w2b).to(dtype)  # (R, in)
+        p = (khatri_rao_rows(w1a, w2a) * _as_rows(out_scale)).to(dtype)  # (out, R)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        out = F.linear(x2, weight, bias)  # (N, out), freshly allocated
+        h = x2 @ q.T  # (N, R)
+        out.addmm_(h, p.T)  # (N, out), in place
+        ctx.scalar_scale = None if torch.is_tensor(out_scale) else out_scale
+        scale_t = out_scale if torch.is_tensor(out_scale) else None
+        ctx.save_for_backward(x, h, weight, w1a, w1b, w2a, w2b, scale_t)
+        return out.view(*x.shape[:-1], out.shape[-1])  # (..., out)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, h, weight, w1a, w1b, w2a, w2b, scale_t = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        out_scale = ctx.scalar_scale if scale_t is None else scale_t
+        dtype = x.dtype
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        rows = _as_rows(out_scale)
+        r1, r2 = w1b.shape[0], w2b.shape[0]
+        g_x = g_w1a = g_w1b = g_w2a = g_w2b = None
+        if need[3] or need[5]:
+            dkr = ((g2.T @ h).to(w1a.dtype) * rows).view(-1, r1, r2)  # (out, r1, r2)
+            if need[3]:
+                g_w1a = (dkr * w2a.unsqueeze(1)).sum(2)  # (out, r1)
+            if need[5]:
+                g_w2a = (dkr * w1a.unsqueeze(2)).sum(1)  # (out, r2)
+        if need[0] or need[4] or need[6]:
+            p = (khatri_rao_rows(w1a, w2a) * rows).to(dtype)  # (out, R)
+            dh = g2 @ p  # (N, R)
+            if need[0]:
+                q = khatri_rao_cols(w1b, w2b).to(dtype)  # (R, in)
+                g_x = (g2 @ weight).addmm_(dh, q).view(x.shape)  # (..., in): G W + dh Q
+            if need[4] or need[6]:
+                dq = (dh.T @ x.reshape(-1, x.shape[-1])).to(w1b.dtype).view(r1, r2, -1)  # (r1, r2, in)
+                if need[4]:
+                    g_w1b = (dq * w2b.unsqueeze(0)).sum(1)  # (r1, in)
+                if need[6]:
+                    g_w2b = (dq * w1b.unsqueeze(1)).sum(0)  # (r2, in)
+        return g_x, None, None, g_w1a, g_w1b, g_w2a, g_w2b, None
+
+
+def fused_linear_applicable(base: torch.nn.Module, x: torch.Tensor, factors: HadaFactors) -> bool:
+    """Whether :class:`FactoredLinearFused` can replace ``base(x)`` plus the adapter exactly.
+
+    Needs a plain ``nn.Linear`` (exact type, no hooks, forward not patched by e.g. accelerate),
+    frozen base weight and bias in x's dtype, flat factors, and a recorded gradient.
+    """
+    if type(base) is not torch.nn.Linear or factors.tucker or not torch.is_grad_enabled():
+        return False
+    if _autocast_on(x.device.type):  # autocast re-types the GEMMs; the general path handles it
+        return False
+    if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
+        return False
+    w, b = base.weight, base.bias
+    if w.requires_grad or (b is not None and b.requires_grad) or w.dtype != x.dtype or w.device != x.device:
+        return False
+    return x.requires_grad or any(t.requires_grad for t in factors if t is not None)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() or (device_type == "cpu" and torch.is_autocast_cpu_enabled())
+    except RuntimeError:  # a device type autocast does not know (meta): no autocast there
+        return False
 
 
 def _as_rows(out_scale: torch.Tensor | float) -> torch.Tensor | float:
