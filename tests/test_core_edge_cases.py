@@ -22,27 +22,12 @@ import torch.nn as nn
 from cases import llama
 from lohakit import LoHaConfig, LoHaLayer, LoHaModel, ModulesToSaveWrapper, get_peft_model
 from lohakit.targets import layer_index, matches_target
+from snapshots import assert_unchanged, snapshot
 
 TOL32 = 1e-5
 
 
 # ------------------------------------------------------------------ helpers
-def snapshot(model: nn.Module) -> dict:
-    return {
-        "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "tree": [(n, type(m).__name__) for n, m in model.named_modules()],
-        "grad": {n: p.requires_grad for n, p in model.named_parameters()},
-    }
-
-
-def assert_unchanged(model: nn.Module, snap: dict) -> None:
-    now = snapshot(model)
-    assert now["tree"] == snap["tree"] and now["grad"] == snap["grad"]
-    assert now["params"].keys() == snap["params"].keys()
-    for k, v in now["params"].items():
-        assert torch.equal(v, snap["params"][k]), k
-
-
 def twins(base: nn.Module, **kwargs):
     """``base`` adapted by lohakit and by PEFT with the same config; lohakit's factors copied into PEFT."""
     ours = get_peft_model(copy.deepcopy(base), LoHaConfig(**kwargs))

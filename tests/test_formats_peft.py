@@ -31,6 +31,7 @@ from lohakit import io as lio
 from lohakit.formats import peft as pf
 
 from cases import CASES, run
+from snapshots import assert_unchanged, snapshot
 
 ATOL_F32 = 1e-6
 PEFT_CASES = [c for c in CASES if c.peft and c.name in {
@@ -76,32 +77,6 @@ NET_CONFIGS: dict[str, dict[str, Any]] = {
     "modules_to_save": dict(r=3, alpha=2, target_modules=["lin", "c2"], modules_to_save=["head", "norm"]),
     "regex_target": dict(r=2, alpha=2, target_modules=r"(lin|c\d)"),
 }
-
-
-def snapshot(model: nn.Module) -> dict[str, Any]:
-    """Everything a load could change: module tree (by identity), tensors, flags, modes."""
-    return {
-        "tree": [(n, type(m), id(m)) for n, m in model.named_modules()],
-        "tensors": {n: (t.detach().clone(), id(t)) for n, t in model.state_dict(keep_vars=True).items()},
-        "grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "modes": [m.training for m in model.modules()],
-        "peft_config": copy.deepcopy(getattr(model, "peft_config", None)),
-        "active": getattr(model, "active_adapter", None) if isinstance(model, LoHaModel) else None,
-    }
-
-
-def assert_unchanged(model: nn.Module, before: dict[str, Any]) -> None:
-    after = snapshot(model)
-    assert after["tree"] == before["tree"]
-    assert after["tensors"].keys() == before["tensors"].keys()
-    for k, (t, ident) in before["tensors"].items():
-        t2, ident2 = after["tensors"][k]
-        assert ident2 == ident, k
-        assert t2.dtype == t.dtype and torch.equal(t2, t), k
-    assert after["grad"] == before["grad"]
-    assert after["modes"] == before["modes"]
-    assert after["peft_config"] == before["peft_config"]
-    assert after["active"] == before["active"]
 
 
 def peft_save(base: nn.Module, cfg: dict[str, Any], path: Path, extra: dict[str, dict[str, Any]] | None = None) -> nn.Module:

@@ -11,23 +11,7 @@ import torch.nn as nn
 
 from cases import LLAMA_TARGETS, bert, gpt2, llama, run, t5
 from lohakit import LoHaConfig, LoHaLayer, LoHaModel, ModulesToSaveWrapper, get_peft_model
-
-
-def snapshot(model: nn.Module) -> dict:
-    return {
-        "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "tree": [(n, type(m).__name__) for n, m in model.named_modules()],
-        "grad": {n: p.requires_grad for n, p in model.named_parameters()},
-    }
-
-
-def assert_unchanged(model: nn.Module, snap: dict) -> None:
-    now = snapshot(model)
-    assert now["tree"] == snap["tree"]
-    assert now["grad"] == snap["grad"]
-    assert now["params"].keys() == snap["params"].keys()
-    for k, v in now["params"].items():
-        assert torch.equal(v, snap["params"][k]), k
+from snapshots import assert_unchanged, snapshot
 
 
 def adapted_names(model: LoHaModel) -> list[str]:
