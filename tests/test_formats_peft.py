@@ -7,13 +7,11 @@ only the order of float32 operations differs); lohakit -> disk -> lohakit bit-ex
 
 from __future__ import annotations
 
-import copy
 import errno
 import json
 import os
 import pickle
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 

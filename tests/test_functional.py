@@ -6,12 +6,10 @@ Tolerances: float64 identities 1e-12 absolute on unit-scale values; gradcheck de
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lohakit import functional as Fn
 from lohakit.functional import Geometry, HadaFactors

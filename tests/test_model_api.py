@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import logging
 
 import pytest
 import torch
 import torch.nn as nn
 
-from cases import LLAMA_TARGETS, bert, gpt2, llama, run, t5
+from cases import LLAMA_TARGETS, bert, gpt2, llama, t5
 from lohakit import LoHaConfig, LoHaLayer, LoHaModel, ModulesToSaveWrapper, get_peft_model
 from snapshots import assert_unchanged, snapshot
 

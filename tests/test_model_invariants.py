@@ -6,7 +6,6 @@ scale, bfloat16 3e-2 relative (8 mantissa bits, errors accumulate over a few lay
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

@@ -12,13 +12,13 @@ import copy
 import logging
 import re
 import warnings
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 
 from .config import LoHaConfig
-from .layers import Conv1d, Conv2d, Conv3d, HFConv1D, Linear, LoHaLayer, geometry_of, _hf_conv1d_type
+from .layers import Conv1d, Conv2d, Conv3d, HFConv1D, Linear, LoHaLayer, _hf_conv1d_type
 from .targets import (
     DEFAULT_TARGET_MODULES, is_excluded, is_under_modules_to_save, matches_target, pattern_key, rank_and_alpha,
 )
