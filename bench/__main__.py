@@ -114,7 +114,7 @@ def _write(rows: list[dict], runs: list[dict], out: str) -> None:
     else:  # merged: one line per run, naming the suites it produced
         lines = [f"run {r.get('date', '?')}: `{r['command']}` → {', '.join(r['suites'])}; " + "; ".join(r["notes"])
                  for r in runs]
-        write_results(rows, out, " ; ".join(r["command"] for r in runs), lines, runs[-1].get("date"),
+        write_results(rows, out, f"{len(runs)} runs, one per line below", lines, runs[-1].get("date"),
                       runs[-1].get("machine"))
 
 
