@@ -438,33 +438,63 @@ class FactoredLinear(torch.autograd.Function):
         x, h, w1a, w1b, w2a, w2b, scale_t = ctx.saved_tensors
         need = ctx.needs_input_grad
         out_scale = ctx.scalar_scale if scale_t is None else scale_t
-        dtype = x.dtype
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
-        rows = _as_rows(out_scale)
-        q = khatri_rao_cols(w1b, w2b).to(dtype)  # (R, in)
-        p = (khatri_rao_rows(w1a, w2a) * rows).to(dtype)  # (out, R)
-        g_x = g_w1a = g_w1b = g_w2a = g_w2b = None
-        r1, r2 = w1b.shape[0], w2b.shape[0]
-        if need[2] or need[4]:
-            dkr = (g2.T @ h).to(w1a.dtype) * rows  # (out, R): dP, scaled back onto the KR rows
-            dkr = dkr.view(-1, r1, r2)  # (out, r1, r2)
-            # mul + sum rather than ``out`` batched r×r matvecs (bmm), about 5x faster on CPU
-            if need[2]:
-                g_w1a = (dkr * w2a.unsqueeze(1)).sum(2)  # (out, r1)
-            if need[4]:
-                g_w2a = (dkr * w1a.unsqueeze(2)).sum(1)  # (out, r2)
-        if need[0] or need[3] or need[5]:
-            dh = g2 @ p  # (N, R)
-            if need[0]:
-                g_x = (dh @ q).reshape(x.shape)  # (..., in)
-            if need[3] or need[5]:
-                dq = (dh.T @ x.reshape(-1, x.shape[-1])).to(w1b.dtype).view(r1, r2, -1)  # (r1, r2, in)
-                if need[3]:
-                    g_w1b = (dq * w2b.unsqueeze(0)).sum(1)  # (r1, in)
-                if need[5]:
-                    g_w2b = (dq * w1b.unsqueeze(1)).sum(0)  # (r2, in)
+        dx, g_w1a, g_w1b, g_w2a, g_w2b = _factored_linear_backward(
+            g2, x, h, (w1a, w1b, w2a, w2b), _as_rows(out_scale), need[0], need[2:6]
+        )
+        g_x = dx.reshape(x.shape) if dx is not None else None  # (..., in)
         g_base = g if ctx.has_base and need[1] else None
         return g_x, g_base, g_w1a, g_w1b, g_w2a, g_w2b, None
+
+
+def _factored_linear_backward(
+    g2: torch.Tensor,
+    x: torch.Tensor,
+    h: torch.Tensor,
+    factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    rows: torch.Tensor | float,
+    need_x: bool,
+    need_factors: Sequence[bool],
+    dx_into: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, ...]:
+    """The backward shared by :class:`FactoredLinear` and :class:`FactoredLinearFused`.
+
+    Args:
+        g2: dL/dy flattened, ``(N, out)``.
+        x: The saved input ``(..., in)``; h = x Qᵀ ``(N, R)``.
+        factors: (w1a, w1b, w2a, w2b) in PEFT's flat layout.
+        rows: The per-row output scale S (s, or s · rank-dropout mask as ``(out, 1)``).
+        need_x: Whether to compute the adapter's share of dL/dx, ``dh Q``.
+        need_factors: Which of (w1a, w1b, w2a, w2b) need a gradient.
+        dx_into: When given, ``dh Q`` is accumulated into it in place (``(N, in)``).
+
+    Returns:
+        ``(dx, g_w1a, g_w1b, g_w2a, g_w2b)``; dx is ``(N, in)`` (``dx_into`` when given).
+    """
+    w1a, w1b, w2a, w2b = factors
+    dtype = x.dtype
+    r1, r2 = w1b.shape[0], w2b.shape[0]
+    dx = g_w1a = g_w1b = g_w2a = g_w2b = None
+    if need_factors[0] or need_factors[2]:
+        dkr = ((g2.T @ h).to(w1a.dtype) * rows).view(-1, r1, r2)  # dP scaled back onto the KR rows: (out, r1, r2)
+        # mul + sum rather than ``out`` batched r×r matvecs (bmm), about 5x faster on CPU
+        if need_factors[0]:
+            g_w1a = (dkr * w2a.unsqueeze(1)).sum(2)  # (out, r1)
+        if need_factors[2]:
+            g_w2a = (dkr * w1a.unsqueeze(2)).sum(1)  # (out, r2)
+    if need_x or need_factors[1] or need_factors[3]:
+        p = (khatri_rao_rows(w1a, w2a) * rows).to(dtype)  # (out, R)
+        dh = g2 @ p  # (N, R)
+        if need_x:
+            q = khatri_rao_cols(w1b, w2b).to(dtype)  # (R, in)
+            dx = dx_into.addmm_(dh, q) if dx_into is not None else dh @ q  # (N, in)
+        if need_factors[1] or need_factors[3]:
+            dq = (dh.T @ x.reshape(-1, x.shape[-1])).to(w1b.dtype).view(r1, r2, -1)  # (r1, r2, in)
+            if need_factors[1]:
+                g_w1b = (dq * w2b.unsqueeze(0)).sum(1)  # (r1, in)
+            if need_factors[3]:
+                g_w2b = (dq * w1b.unsqueeze(1)).sum(0)  # (r2, in)
+    return dx, g_w1a, g_w1b, g_w2a, g_w2b
 
 
 class FactoredLinearFused(torch.autograd.Function):
@@ -496,29 +526,13 @@ class FactoredLinearFused(torch.autograd.Function):
         x, h, weight, w1a, w1b, w2a, w2b, scale_t = ctx.saved_tensors
         need = ctx.needs_input_grad
         out_scale = ctx.scalar_scale if scale_t is None else scale_t
-        dtype = x.dtype
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
-        rows = _as_rows(out_scale)
-        r1, r2 = w1b.shape[0], w2b.shape[0]
-        g_x = g_w1a = g_w1b = g_w2a = g_w2b = None
-        if need[3] or need[5]:
-            dkr = ((g2.T @ h).to(w1a.dtype) * rows).view(-1, r1, r2)  # (out, r1, r2)
-            if need[3]:
-                g_w1a = (dkr * w2a.unsqueeze(1)).sum(2)  # (out, r1)
-            if need[5]:
-                g_w2a = (dkr * w1a.unsqueeze(2)).sum(1)  # (out, r2)
-        if need[0] or need[4] or need[6]:
-            p = (khatri_rao_rows(w1a, w2a) * rows).to(dtype)  # (out, R)
-            dh = g2 @ p  # (N, R)
-            if need[0]:
-                q = khatri_rao_cols(w1b, w2b).to(dtype)  # (R, in)
-                g_x = (g2 @ weight).addmm_(dh, q).view(x.shape)  # (..., in): G W + dh Q
-            if need[4] or need[6]:
-                dq = (dh.T @ x.reshape(-1, x.shape[-1])).to(w1b.dtype).view(r1, r2, -1)  # (r1, r2, in)
-                if need[4]:
-                    g_w1b = (dq * w2b.unsqueeze(0)).sum(1)  # (r1, in)
-                if need[6]:
-                    g_w2b = (dq * w1b.unsqueeze(1)).sum(0)  # (r2, in)
+        base_dx = g2 @ weight if need[0] else None  # (N, in): G W
+        dx, g_w1a, g_w1b, g_w2a, g_w2b = _factored_linear_backward(
+            g2, x, h, (w1a, w1b, w2a, w2b), _as_rows(out_scale), need[0], (need[3], need[4], need[5], need[6]),
+            dx_into=base_dx,
+        )
+        g_x = dx.view(x.shape) if dx is not None else None  # (..., in): G W + dh Q
         return g_x, None, None, g_w1a, g_w1b, g_w2a, g_w2b, None
 
 
