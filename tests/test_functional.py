@@ -252,3 +252,14 @@ def test_module_dropout_skips_adapter_in_training_only():
     assert seen == {True, False}
     model.eval()
     assert all(not torch.equal(model(x), base) for _ in range(5))
+
+
+@pytest.mark.parametrize("name,build,shape,tucker", list(_cases()))
+def test_lora_factors_and_frobenius_norm_are_exact_float64(name, build, shape, tucker):
+    geom = geometry_of(build())
+    f = make_factors(geom, 3, 2, tucker)
+    b, a = Fn.lora_factors(f, 0.8)
+    dw = reference_delta(f, geom, 0.8)
+    assert b.shape == (geom.out_features, 6) and a.shape == (6, geom.flat_in)
+    torch.testing.assert_close((b @ a).reshape(dw.shape), dw, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(Fn.frobenius_norm(f, 0.8), dw.norm(), rtol=1e-12, atol=1e-12)

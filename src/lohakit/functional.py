@@ -41,6 +41,8 @@ __all__ = [
     "FactoredLinearFused",
     "khatri_rao_rows",
     "khatri_rao_cols",
+    "lora_factors",
+    "frobenius_norm",
     "factor_shapes",
     "delta_weight",
     "factored_stages",
@@ -182,6 +184,36 @@ def khatri_rao_cols(b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
         ``(r1·r2, n)``.
     """
     return (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1])  # (r1*r2, n)
+
+
+def lora_factors(factors: HadaFactors, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """ΔW as an exact LoRA: ``ΔW (flattened to (out, in/g·prod(k))) = B @ A``, rank r1·r2.
+
+    Flat: ``B = s·(w1a ⊙_row w2a)``, ``A = w1b ⊙_col w2b``. Tucker: each branch is
+    ``W_i = wa_iᵀ @ Bt_i`` with ``Bt_i[p, (c, k)] = Σ_q t_i[p, q, k] · wb_i[q, c]``, so
+    ``B = s·(w1aᵀ ⊙_row w2aᵀ)`` and ``A = Bt_1 ⊙_col Bt_2``. Never forms the out × in matrix.
+
+    Args:
+        factors: The adapter's factors (Tucker cores ``(r, r, *k)``, or PEFT's Conv1d ``(r, r, k, 1)``).
+        scale: s, folded into B.
+
+    Returns:
+        ``B`` ``(out, r1·r2)`` and ``A`` ``(r1·r2, in/g·prod(k))`` in the factors' dtype.
+    """
+    f = factors
+    if not f.tucker:
+        return khatri_rao_rows(f.w1a, f.w2a) * scale, khatri_rao_cols(f.w1b, f.w2b)
+    r1, r2 = f.t1.shape[0], f.t2.shape[0]
+    bt1 = torch.einsum("pqk,qc->pck", f.t1.reshape(r1, f.t1.shape[1], -1), f.w1b).reshape(r1, -1)  # (r1, in·K)
+    bt2 = torch.einsum("pqk,qc->pck", f.t2.reshape(r2, f.t2.shape[1], -1), f.w2b).reshape(r2, -1)  # (r2, in·K)
+    return khatri_rao_rows(f.w1a.T, f.w2a.T) * scale, khatri_rao_cols(bt1, bt2)
+
+
+def frobenius_norm(factors: HadaFactors, scale: float) -> torch.Tensor:
+    """‖ΔW‖_F through the factored form: ‖B A‖_F² = trace((BᵀB)(AAᵀ)), two r²×r² Gram matrices."""
+    b, a = lora_factors(factors, scale)
+    sq = ((b.T @ b) * (a @ a.T)).sum()  # both Gram matrices are symmetric
+    return sq.clamp_min(0).sqrt()
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from .functional import HadaFactors, frobenius_norm
+
 __all__ = ["inspect_adapter", "format_table", "factored_frobenius", "read_loha_modules"]
 
 _FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -35,18 +37,17 @@ def factored_frobenius(f: dict[str, torch.Tensor], scale: float) -> float:
     Shapes: plain w1_a, w2_a (out, r), w1_b, w2_b (r, in·k); Tucker w1_a, w2_a (r, out),
     w1_b, w2_b (r, in), t1, t2 (r, r, *k).
     """
-    w1a, w1b, w2a, w2b = (f[k].detach().to(torch.float64) for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
-    if "hada_t1" in f and "hada_t2" in f:
-        t1, t2 = f["hada_t1"].to(torch.float64), f["hada_t2"].to(torch.float64)
-        a1, a2 = w1a.T, w2a.T  # (out, r)
-        b1 = torch.einsum("pqk,qc->pck", t1.reshape(t1.shape[0], t1.shape[1], -1), w1b).reshape(t1.shape[0], -1)  # (r, in·k)
-        b2 = torch.einsum("pqk,qc->pck", t2.reshape(t2.shape[0], t2.shape[1], -1), w2b).reshape(t2.shape[0], -1)  # (r, in·k)
-    else:
-        a1, a2, b1, b2 = w1a, w2a, w1b.reshape(w1b.shape[0], -1), w2b.reshape(w2b.shape[0], -1)
-    p = (a1[:, :, None] * a2[:, None, :]).reshape(a1.shape[0], -1)  # (out, r1·r2)
-    q = (b1[:, None, :] * b2[None, :, :]).reshape(-1, b1.shape[1])  # (r1·r2, in·k)
-    sq = float((p.T @ p * (q @ q.T)).sum())  # trace((PᵀP)(QQᵀ)); both Gram matrices symmetric
-    return abs(scale) * math.sqrt(max(sq, 0.0))
+    def get(k: str) -> torch.Tensor | None:
+        return f[k].detach().to(torch.float64) if k in f else None
+
+    tucker = "hada_t1" in f and "hada_t2" in f
+    factors = HadaFactors(
+        get("hada_w1_a"), get("hada_w1_b"), get("hada_w2_a"), get("hada_w2_b"),
+        get("hada_t1") if tucker else None, get("hada_t2") if tucker else None,
+    )
+    if not tucker:  # a kohya conv file may store w1_b as (r, in, *k): flatten
+        factors = factors._replace(w1b=factors.w1b.reshape(factors.w1b.shape[0], -1), w2b=factors.w2b.reshape(factors.w2b.shape[0], -1))
+    return abs(scale) * float(frobenius_norm(factors, 1.0))
 
 
 def _group(sd: dict[str, torch.Tensor], strip: str = "") -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor], list[str]]:

@@ -30,7 +30,7 @@ from typing import Any, Mapping, Union
 import torch
 import torch.nn as nn
 
-from .functional import Geometry, HadaFactors, khatri_rao_cols, khatri_rao_rows
+from .functional import Geometry, HadaFactors, lora_factors
 from .layers import LoHaLayer
 
 __all__ = [
@@ -86,23 +86,10 @@ def loha_to_lora_factors(
     Returns:
         ``B`` (out × r1·r2) and ``A_flat`` (r1·r2 × in·prod(k)), float64.
     """
-    f = [t.detach().to(torch.float64) if t is not None else None for t in factors]
-    w1a, w1b, w2a, w2b, t1, t2 = f
-    if t1 is None:
-        b = khatri_rao_rows(w1a, w2a) * scale  # (out, r1*r2)
-        a = khatri_rao_cols(w1b, w2b)  # (r1*r2, n)
-        return b, a
-    r1, r2 = t1.shape[0], t2.shape[0]
-    k = tuple(kernel_size) if kernel_size else tuple(t1.shape[2:])
-    t1 = t1.reshape(r1, t1.shape[1], *k)
-    t2 = t2.reshape(r2, t2.shape[1], *k)
-    b = khatri_rao_rows(w1a.T, w2a.T) * scale  # (out, r1*r2), rows (p, p')
-    t1f = t1.reshape(r1, t1.shape[1], -1)  # (p, q, K)
-    t2f = t2.reshape(r2, t2.shape[1], -1)  # (p', q', K)
-    h1 = torch.einsum("pqk,qc->pck", t1f, w1b)  # (p, c, K)
-    h2 = torch.einsum("pqk,qc->pck", t2f, w2b)  # (p', c, K)
-    a = torch.einsum("pck,Pck->pPck", h1, h2).reshape(r1 * r2, -1)  # (r1*r2, c*K)
-    return b, a
+    f = HadaFactors(*(t.detach().to(torch.float64) if t is not None else None for t in factors))
+    if f.tucker and kernel_size:
+        f = f._replace(t1=f.t1.reshape(*f.t1.shape[:2], *kernel_size), t2=f.t2.reshape(*f.t2.shape[:2], *kernel_size))
+    return lora_factors(f, scale)
 
 
 def compress_lora(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
