@@ -133,7 +133,7 @@ def test_inspect_kohya_file(tmp_path, capsys):
         (lambda d: d / "missing", ["does not exist"]),
         (lambda d: (d / "e").mkdir() or d / "e", ["no adapter_config.json"]),
         (lambda d: (d.joinpath("x.bin").write_bytes(b"\x80\x04K."), d / "x.bin")[1], ["expected a PEFT directory"]),
-        (lambda d: (d.joinpath("bad.safetensors").write_bytes(b"\x00" * 40), d / "bad.safetensors")[1], ["bad.safetensors", "not a readable safetensors"]),
+        (lambda d: (d.joinpath("bad.safetensors").write_bytes(b"\x00" * 40), d / "bad.safetensors")[1], ["bad.safetensors", "not a valid safetensors"]),
     ],
 )
 def test_inspect_bad_paths(make, words, tmp_path, capsys):

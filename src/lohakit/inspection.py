@@ -1,7 +1,7 @@
 """``lohakit inspect``: what is inside a LoHa adapter, module by module, without building ΔW.
 
 Reads a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) or a
-kohya/LyCORIS ``.safetensors`` file; tensors are read with safetensors (never unpickled).
+kohya/LyCORIS ``.safetensors`` file; tensors are read through :func:`lohakit.io.load_state_dict` (never unpickled).
 
 The Frobenius norm of ΔW = s · (A1 B1) ⊙ (A2 B2) is computed through the factored form
 (BRIEF §2): ΔW = s · P Q with P = A1 ⊙_row A2 (out × r1·r2) and Q = B1 ⊙_col B2 (r1·r2 × in), so
@@ -15,7 +15,6 @@ which is the same structure with A_i = a_iᵀ and B_i = M_i.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from .functional import HadaFactors, frobenius_norm
+from .io import load_state_dict
 
 __all__ = ["inspect_adapter", "format_table", "factored_frobenius", "read_loha_modules"]
 
@@ -67,15 +67,6 @@ def _group(sd: dict[str, torch.Tensor], strip: str = "") -> tuple[dict[str, dict
     return mods, alphas, other
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error type for a damaged file
-        raise ValueError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
-
-
 def read_loha_modules(path: str | os.PathLike) -> dict[str, Any]:
     """Read an adapter: ``{"format", "path", "modules": {name: factors}, "alpha": {name: float|None}, "other_keys", "config"}``."""
     p = Path(path)
@@ -91,12 +82,12 @@ def read_loha_modules(path: str | os.PathLike) -> dict[str, Any]:
         from .targets import rank_and_alpha
 
         config = LoHaConfig.from_json_file(cfg_file)
-        mods, _, other = _group(_load_safetensors(st), strip=_PEFT_PREFIX)
+        mods, _, other = _group(load_state_dict(st), strip=_PEFT_PREFIX)
         alpha = {m: float(rank_and_alpha(config, m)[1]) for m in mods}
         return {"format": "peft", "path": str(p), "modules": mods, "alpha": alpha, "other_keys": other, "config": config.to_dict()}
     if p.suffix.lower() != ".safetensors":
         raise ValueError(f"adapter {str(p)!r}: expected a PEFT directory or a .safetensors file")
-    mods, alphas, other = _group(_load_safetensors(p))
+    mods, alphas, other = _group(load_state_dict(p))
     return {
         "format": "kohya",
         "path": str(p),
@@ -124,7 +115,7 @@ def _module_row(name: str, f: dict[str, torch.Tensor], alpha: float | None) -> d
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in f.values()})
     return {
         "module": name,
-        "type": ("conv-tucker" if tucker else "linear/flat") ,
+        "type": "conv-tucker" if tucker else "linear/flat",
         "shape": shape,
         "rank": rank if r1 == r2 else [r1, r2],
         "alpha": alpha,
@@ -184,7 +175,3 @@ def format_table(report: dict[str, Any]) -> str:
         f"‖ΔW‖_F over all modules {t['delta_norm']:.4g}" + (f", {t['other_keys']} other tensors" if t["other_keys"] else "")
     )
     return "\n".join(out)
-
-
-def to_json(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=2)
