@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -378,10 +379,8 @@ def run_demo(
     Raises:
         RuntimeError: When the reloaded adapter or the merged model disagrees with the trained one.
     """
-    try:
-        import transformers  # noqa: F401  (the base is a transformers LlamaForCausalLM)
-    except ImportError as e:
-        raise ImportError("lohakit demo needs transformers (and tqdm, matplotlib): pip install 'lohakit[cli]'") from e
+    if importlib.util.find_spec("transformers") is None:  # the base is a transformers LlamaForCausalLM
+        raise ImportError("lohakit demo needs transformers (and tqdm, matplotlib): pip install 'lohakit[cli]'")
     t_start = time.perf_counter()
     s = settings or (DemoSettings.quick() if quick else DemoSettings())
     # At these sizes (128-wide matrices) one thread is as fast as two on a quiet machine and many

@@ -69,8 +69,6 @@ def merge_to_dir(
     if not Path(base).exists():
         raise FileNotFoundError(f"base model directory {str(base)!r} does not exist")
     model = load_transformers_model(base)
-    if not hasattr(LoHaModel, "from_pretrained"):
-        raise ImportError("lohakit merge needs lohakit's PEFT-format support (LoHaModel.from_pretrained)")
     peft = LoHaModel.from_pretrained(model, str(adapter_p))
     n = len(list(peft.loha_layers()))
     merged = peft.merge_and_unload(safe_merge=True)
