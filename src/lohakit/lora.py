@@ -341,16 +341,8 @@ def save_lora_kohya(
         names: Per prefix ``{module path: kohya name}`` overrides (e.g. SDXL's SGM names).
         models: Optional prefix -> model (legacy name prefixes, see :func:`lora_kohya_state_dict`).
     """
-    from .formats.kohya import _atomic_save
+    from .formats.kohya import _check_output, _write_kohya_file
 
-    path = os.fspath(path)
-    if not path.endswith(".safetensors"):
-        raise ValueError(f"save_lora_kohya: {path!r} must end with .safetensors")
-    extra = dict(metadata or {})
-    bad = [k for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str)]
-    if bad:
-        raise ValueError(f"save_lora_kohya: metadata keys and values must be strings; offending keys: {bad}")
+    path, extra = _check_output("save_lora_kohya", path, metadata)
     sd, meta = lora_kohya_state_dict(exports_by_prefix, dtype, names, models)
-    meta.update(extra)
-    _atomic_save(sd, path, meta)
-    return meta
+    return _write_kohya_file(sd, path, meta, extra)

@@ -760,26 +760,37 @@ def save_kohya(
     Returns:
         The metadata written.
     """
+    path, extra = _check_output("save_kohya", path, metadata)
+    sd, meta = kohya_state_dict(models, adapter_name, dtype, names=names)
+    return _write_kohya_file(sd, path, meta, extra)
+
+
+def _check_output(caller: str, path: str | os.PathLike, metadata: Mapping[str, str] | None) -> tuple[str, dict[str, str]]:
+    """Validate a kohya output file name and the extra header entries before any work is done.
+
+    Returns:
+        (path as a string, the extra metadata as a dict).
+
+    Raises:
+        ValueError: ``path`` does not end with ``.safetensors``, or a metadata key/value is not a string.
+    """
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
-        raise ValueError(f"save_kohya: {path!r} must end with .safetensors")
+        raise ValueError(f"{caller}: {path!r} must end with .safetensors")
     extra = dict(metadata or {})
     bad = {k: type(v).__name__ for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str)}
     if bad:
-        raise ValueError(f"save_kohya: metadata keys and values must be strings; offending entries: {bad}")
-    sd, meta = kohya_state_dict(models, adapter_name, dtype, names=names)
-    meta.update(extra)
-    _atomic_save(sd, path, meta)
+        raise ValueError(f"{caller}: metadata keys and values must be strings; offending entries: {bad}")
+    return path, extra
+
+
+def _write_kohya_file(sd: dict[str, torch.Tensor], path: str, meta: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
+    """Write ``sd`` atomically with ``meta`` overridden by ``extra``; returns the metadata written."""
+    from ..io import save_state_dict
+
+    meta = {**meta, **extra}
+    save_state_dict(sd, path, meta)
     return meta
-
-
-def _atomic_save(sd: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    """safetensors save through a temporary file next to ``path`` (fsync, then an atomic rename)."""
-    from ..io import StagedWrites
-
-    with StagedWrites() as writes:
-        writes.stage_safetensors(sd, path, metadata)
-        writes.commit()
 
 
 def _write_peft_dir(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
@@ -910,6 +921,7 @@ def peft_to_kohya(
     from ..config import LoHaConfig
     from ..targets import rank_and_alpha
 
+    out_path, extra = _check_output("peft_to_kohya", path, metadata)
     folder = os.fspath(peft_directory)
     cfg_path = os.path.join(folder, _PEFT_CONFIG)
     w_path = os.path.join(folder, _PEFT_WEIGHTS)
@@ -962,14 +974,5 @@ def peft_to_kohya(
         legacy = legacy_path_prefix(_unwrap(model)) if model is not None else ""
         name = (names or {}).get(mpath) or kohya_name(prefix, legacy + mpath)
         entries.append(_Entry(name, tensors, r, float(alpha), conv_k, tucker))
-    out_path = os.fspath(path)
-    if not out_path.endswith(".safetensors"):
-        raise ValueError(f"peft_to_kohya: {out_path!r} must end with .safetensors")
-    extra = dict(metadata or {})
-    bad = [k for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str)]
-    if bad:
-        raise ValueError(f"peft_to_kohya: metadata keys and values must be strings; offending keys: {bad}")
     out, meta = _entries_state_dict(entries, dtype)
-    meta.update(extra)
-    _atomic_save(out, out_path, meta)
-    return meta
+    return _write_kohya_file(out, out_path, meta, extra)
