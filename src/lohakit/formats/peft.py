@@ -618,6 +618,28 @@ def _fill(model: LoHaModel, adapter_name: str, slots: Mapping[str, TensorSlot], 
         wrapper.modules_to_save[adapter_name].load_state_dict(sd, strict=True)
 
 
+def _prepare(
+    model: nn.Module,
+    model_id: str | os.PathLike,
+    adapter_name: str,
+    is_trainable: bool,
+    strict: bool,
+    subfolder: str | None,
+    revision: str | None,
+    hub_kwargs: dict[str, Any],
+) -> tuple[AdapterSource, LoHaConfig, dict[str, TensorSlot], dict[str, torch.Tensor]]:
+    """Read, resolve and check an adapter against ``model`` without touching it.
+
+    Returns:
+        (source, resolved config with ``inference_mode`` set, slots by key, checked tensors by key).
+    """
+    source, config, tensors = _read(model_id, adapter_name, strict, subfolder, revision, hub_kwargs)
+    resolved, slots = plan_adapter(model, config, str(source.config_path))
+    checked = check_adapter_tensors(slots, tensors, source.weights_path, source.config_path, strict=strict)
+    resolved.inference_mode = not is_trainable
+    return source, resolved, slots, checked
+
+
 def _finish(model: LoHaModel, is_trainable: bool) -> None:
     model._apply_active()
     if not is_trainable:
@@ -657,10 +679,9 @@ def from_pretrained(
     """
     if isinstance(model, LoHaModel):
         raise TypeError("model is already a LoHaModel; use its load_adapter() to add another adapter")
-    source, config, tensors = _read(model_id, adapter_name, strict, subfolder, revision, hub_kwargs)
-    resolved, slots = plan_adapter(model, config, str(source.config_path))
-    checked = check_adapter_tensors(slots, tensors, source.weights_path, source.config_path, strict=strict)
-    resolved.inference_mode = not is_trainable
+    source, resolved, slots, checked = _prepare(
+        model, model_id, adapter_name, is_trainable, strict, subfolder, revision, hub_kwargs
+    )
     rollback = _Rollback(model)
     loha: LoHaModel | None = None
     try:
@@ -693,10 +714,9 @@ def load_adapter(
     """
     if adapter_name in model.peft_config:
         raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or choose another name")
-    source, config, tensors = _read(model_id, adapter_name, strict, subfolder, revision, hub_kwargs)
-    resolved, slots = plan_adapter(model, config, str(source.config_path))
-    checked = check_adapter_tensors(slots, tensors, source.weights_path, source.config_path, strict=strict)
-    resolved.inference_mode = not is_trainable
+    source, resolved, slots, checked = _prepare(
+        model, model_id, adapter_name, is_trainable, strict, subfolder, revision, hub_kwargs
+    )
     rollback = _Rollback(model)
     state = (dict(model.peft_config), model.active_adapter, list(model.targeted_module_names))
     try:
