@@ -13,7 +13,7 @@ import os
 import pickle
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import pytest
 import torch
@@ -174,16 +174,21 @@ def test_layout_identical_to_peft(tmp_path):
 OTHER = dict(r=1, alpha=2, target_modules=["lin", "c2"], use_effective_conv2d=True)
 
 
+def assert_each_adapter_agrees(lm: LoHaModel, pm: nn.Module, names: Iterable[str]) -> None:
+    """With each adapter active in both models, the outputs agree to float32 tolerance."""
+    for name in names:
+        pm.set_adapter(name)
+        lm.set_adapter(name)
+        with torch.no_grad():
+            torch.testing.assert_close(lm(*net_inputs()), pm(*net_inputs()), atol=ATOL_F32, rtol=0)
+
+
 def test_multi_adapter_peft_to_lohakit(tmp_path):
     pm = peft_save(net(), NET_CONFIGS["flat"], tmp_path, extra={"other": OTHER})
     assert (tmp_path / "other" / pf.ADAPTER_CONFIG_NAME).is_file()
     lm = LoHaModel.from_pretrained(net(), str(tmp_path))
     lm.load_adapter(str(tmp_path), "other", subfolder="other")
-    for name in ("default", "other"):
-        pm.set_adapter(name)
-        lm.set_adapter(name)
-        with torch.no_grad():
-            torch.testing.assert_close(lm(*net_inputs()), pm(*net_inputs()), atol=ATOL_F32, rtol=0)
+    assert_each_adapter_agrees(lm, pm, ("default", "other"))
 
 
 def test_multi_adapter_lohakit_to_peft(tmp_path):
@@ -193,11 +198,7 @@ def test_multi_adapter_lohakit_to_peft(tmp_path):
         assert not any("other" in k or "default" in k for k in f.keys())
     pm = peft.PeftModel.from_pretrained(net(), str(tmp_path))
     pm.load_adapter(str(tmp_path / "other"), "other")
-    for name in ("default", "other"):
-        pm.set_adapter(name)
-        lm.set_adapter(name)
-        with torch.no_grad():
-            torch.testing.assert_close(pm(*net_inputs()), lm(*net_inputs()), atol=ATOL_F32, rtol=0)
+    assert_each_adapter_agrees(lm, pm, ("default", "other"))
 
 
 def test_selected_adapters_and_rename(tmp_path):

@@ -11,9 +11,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pathlib import Path
 
-import pytest
 import torch
 import torch.nn as nn
 
@@ -133,7 +131,7 @@ def test_accelerate_save_state_load_state(tmp_path):
     for k, v in optimizer.state_dict()["state"][0].items():
         assert torch.equal(v, saved_opt[k]), k
 
-    adapter_dir = Path(tmp_path / "ckpt" / "adapter")
+    adapter_dir = tmp_path / "ckpt" / "adapter"
     from_hook = LoHaModel.from_pretrained(tiny_llama(), str(adapter_dir))
     loaded = pf.peft_state_dict(from_hook, "default")
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)
