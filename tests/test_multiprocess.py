@@ -83,5 +83,6 @@ def test_two_processes_match_one(setup):
 
     a = load_state_dict(two / "adapter_model.safetensors")
     b = load_state_dict(d / "one" / "adapter_model.safetensors")
+    assert a and a.keys() == b.keys()  # the loop below must not pass vacuously
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
