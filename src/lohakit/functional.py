@@ -449,10 +449,7 @@ class FactoredLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, base, w1a, w1b, w2a, w2b, out_scale):  # type: ignore[override]
-        dtype = x.dtype
-        q = khatri_rao_cols(w1b, w2b).to(dtype)  # (R, in)
-        kr = khatri_rao_rows(w1a, w2a)  # (out, R), factor dtype
-        p = (kr * _as_rows(out_scale)).to(dtype)  # (out, R)
+        q, p = linear_qp(HadaFactors(w1a, w1b, w2a, w2b), out_scale, x.dtype)  # (R, in), (out, R)
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         h = x2 @ q.T  # (N, R)
         if base is None:
@@ -541,9 +538,7 @@ class FactoredLinearFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, w1a, w1b, w2a, w2b, out_scale):  # type: ignore[override]
-        dtype = x.dtype
-        q = khatri_rao_cols(w1b, w2b).to(dtype)  # (R, in)
-        p = (khatri_rao_rows(w1a, w2a) * _as_rows(out_scale)).to(dtype)  # (out, R)
+        q, p = linear_qp(HadaFactors(w1a, w1b, w2a, w2b), out_scale, x.dtype)  # (R, in), (out, R)
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         out = F.linear(x2, weight, bias)  # (N, out), freshly allocated
         h = x2 @ q.T  # (N, R)
@@ -600,6 +595,27 @@ def _as_rows(out_scale: torch.Tensor | float) -> torch.Tensor | float:
     return out_scale[:, None] if torch.is_tensor(out_scale) and out_scale.dim() == 1 else out_scale
 
 
+def linear_qp(
+    factors: HadaFactors, out_scale: torch.Tensor | float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q = w1b ⊙_col w2b ``(R, in)`` and P = S ⊙_rows (w1a ⊙_row w2a) ``(out, R)``, cast to ``dtype``.
+
+    S is the output scale (s, or s · rank-dropout mask ``(out,)``); only these small matrices
+    are cast to the compute dtype, never the activations.
+    """
+    f = factors
+    q = khatri_rao_cols(f.w1b, f.w2b).to(dtype)  # (R, in)
+    p = (khatri_rao_rows(f.w1a, f.w2a) * _as_rows(out_scale)).to(dtype)  # (out, R)
+    return q, p
+
+
+def output_scale(scale: float, row_mask: torch.Tensor | None, factors: HadaFactors) -> torch.Tensor | float:
+    """s, or s · the rank-dropout mask as an ``(out,)`` vector in the factors' dtype and device."""
+    if row_mask is None:
+        return scale
+    return row_mask.to(device=factors.w1a.device, dtype=factors.w1a.dtype) * scale
+
+
 def factored_linear_nograd(
     x: torch.Tensor, base: torch.Tensor, q_t: torch.Tensor, p_t: torch.Tensor, inplace: bool = False
 ) -> torch.Tensor:
@@ -639,10 +655,8 @@ def factored_stages(
     f = factors
     out, g, d = geom.out_features, geom.groups, geom.ndim
     ones = (1,) * d
-    scale_rows = out_scale[:, None] if torch.is_tensor(out_scale) and out_scale.dim() == 1 else out_scale
     if not f.tucker:
-        q = khatri_rao_cols(f.w1b, f.w2b).to(dtype)  # (R, in/g·K)
-        p = (khatri_rao_rows(f.w1a, f.w2a) * scale_rows).to(dtype)  # (out, R)
+        q, p = linear_qp(f, out_scale, dtype)  # (R, in/g·K), (out, R)
         R = q.shape[0]
         if d == 0:
             return [Stage(), Stage()], [q, p]
@@ -656,7 +670,7 @@ def factored_stages(
     k = geom.kernel_size
     r1, r2 = f.t1.shape[0], f.t2.shape[0]
     qb = khatri_rao_cols(f.w1b, f.w2b).to(dtype)  # (R, in/g)
-    pa = (khatri_rao_rows(f.w1a.T, f.w2a.T) * scale_rows).to(dtype)  # (out, R)
+    pa = (khatri_rao_rows(f.w1a.T, f.w2a.T) * _as_rows(out_scale)).to(dtype)  # (out, R)
     t1 = f.t1.reshape(r1, f.t1.shape[1], *k)
     t2 = f.t2.reshape(r2, f.t2.shape[1], *k)
     core = torch.einsum("pq...,PQ...->pPqQ...", t1, t2)  # (r1, r2, r1', r2', *k)
@@ -780,13 +794,33 @@ def rank_dropout_mask(
 # --------------------------------------------------------------------------------------------
 # The one entry point layers call
 # --------------------------------------------------------------------------------------------
-def _positions(x: torch.Tensor, base_out: torch.Tensor, geom: Geometry) -> tuple[int, int]:
+def positions(x: torch.Tensor, base_out: torch.Tensor | None, geom: Geometry) -> tuple[int, int]:
+    """(output positions, input positions) of a call: tokens, or batch · pixels (``base_out``
+    is only needed for convolutions)."""
     if geom.ndim == 0:
         n = x.numel() // max(geom.in_features, 1)
         return n, n
     n_out = base_out.numel() // max(geom.out_features, 1)
     n_in = x.numel() // max(geom.in_features * geom.groups, 1)
     return n_out, n_in
+
+
+def resolve_path(
+    path: ComputePath, factors: HadaFactors, geom: Geometry, n_out: int, n_in: int, **cost: bool
+) -> ComputePath:
+    """``path`` itself, or for ``"auto"`` the cost model's choice (``cost``: prefer_factored's flags)."""
+    if path != "auto":
+        return path
+    return "factored" if prefer_factored(geom, factors.ranks, factors.tucker, n_out, n_in, **cost) else "materialised"
+
+
+def _masked_delta(factors: HadaFactors, geom: Geometry, scale: float, row_mask: torch.Tensor | None) -> torch.Tensor:
+    """ΔW (factor dtype, base orientation) with the rank-dropout mask applied to its output rows."""
+    dw = delta_weight(factors, geom, scale)
+    if row_mask is not None:
+        shape = (1, -1) if geom.transposed else (-1, *[1] * (dw.dim() - 1))
+        dw = dw * row_mask.to(dw.device).view(shape)
+    return dw
 
 
 def loha_delta_forward(
@@ -829,36 +863,23 @@ def loha_delta_forward(
         if cache is not None and (row_mask is not None or _is_compiling()):
             cache = None
         return _delta_forward_nograd(x, base_out, factors, geom, scale, row_mask, path, cache, inplace)
-    if path == "auto":
-        n_out, n_in = _positions(x, base_out, geom)
-        path = "factored" if prefer_factored(
-            geom, factors.ranks, factors.tucker, n_out, n_in, training=True
-        ) else "materialised"
-    if path == "factored" and geom.ndim == 0 and not factors.tucker:
-        # Linear layers: the fused single-node autograd (see FactoredLinear).
-        out_scale_l: torch.Tensor | float = scale
-        if row_mask is not None:
-            out_scale_l = row_mask.to(device=factors.w1a.device, dtype=factors.w1a.dtype) * scale
-        xl = x if x.dtype == dtype else x.to(dtype)
-        f = factors
-        return FactoredLinear.apply(xl, base_out, f.w1a, f.w1b, f.w2a, f.w2b, out_scale_l)
-    if path == "materialised" or not _chain_supported(geom):
-        dw = delta_weight(factors, geom, scale)  # float32, base orientation
-        if row_mask is not None:
-            shape = (1, -1) if geom.transposed else (-1, *[1] * (dw.dim() - 1))
-            dw = dw * row_mask.to(dw.device).view(shape)
-        x, geom = _prepad(x, geom)
-        return base_out + apply_delta_weight(x, dw.to(x.dtype), geom).to(dtype)
-    out_scale: torch.Tensor | float = scale
-    if row_mask is not None:
-        out_scale = row_mask.to(device=factors.w1a.device, dtype=factors.w1a.dtype) * scale
-    x, geom = _prepad(x, geom)
-    stages, weights = factored_stages(factors, geom, out_scale, dtype)
-    unbatched = geom.ndim > 0 and x.dim() == geom.ndim + 1
-    if unbatched:
-        x, base_out = x.unsqueeze(0), base_out.unsqueeze(0)
+    path = resolve_path(path, factors, geom, *positions(x, base_out, geom), training=True)
     if x.dtype != dtype:
         x = x.to(dtype)
+    if path == "materialised" or not _chain_supported(geom):
+        dw = _masked_delta(factors, geom, scale, row_mask)  # float32, base orientation
+        x, geom = _prepad(x, geom)
+        return base_out + apply_delta_weight(x, dw.to(dtype), geom)
+    out_scale = output_scale(scale, row_mask, factors)
+    if geom.ndim == 0 and not factors.tucker:
+        # Linear layers: the fused single-node autograd (see FactoredLinear).
+        f = factors
+        return FactoredLinear.apply(x, base_out, f.w1a, f.w1b, f.w2a, f.w2b, out_scale)
+    x, geom = _prepad(x, geom)
+    stages, weights = factored_stages(factors, geom, out_scale, dtype)
+    unbatched = x.dim() == geom.ndim + 1
+    if unbatched:
+        x, base_out = x.unsqueeze(0), base_out.unsqueeze(0)
     y = apply_stages(x, stages, weights, base_out)
     return y.squeeze(0) if unbatched else y
 
@@ -902,39 +923,29 @@ def _delta_forward_nograd(
     # A cached ΔW is as large as the base weight: only small layers keep one (see the constant).
     cache_delta = cache is not None and geom.out_features * geom.flat_in <= EVAL_CACHE_MAX_DELTA_NUMEL
     if path == "auto":
-        n_out, n_in = _positions(x, base_out, geom)
+        n_out, n_in = positions(x, base_out, geom)
         decided = cache.get(("path", n_out, n_in)) if cache is not None else None  # per call shape
         if decided is None:
-            decided = "factored" if prefer_factored(
-                geom, factors.ranks, factors.tucker, n_out, n_in, build_delta=not cache_delta
-            ) else "materialised"
+            decided = resolve_path(path, factors, geom, n_out, n_in, build_delta=not cache_delta)
             if cache is not None:
                 cache[("path", n_out, n_in)] = decided
         path = decided
-    out_scale: torch.Tensor | float = scale
-    if row_mask is not None:
-        out_scale = row_mask.to(device=factors.w1a.device, dtype=factors.w1a.dtype) * scale
+    out_scale = output_scale(scale, row_mask, factors)
     if x.dtype != dtype:
         x = x.to(dtype)
     if path == "materialised" or not _chain_supported(geom):
         dw = cache.get("delta") if cache is not None else None
         if dw is None:
-            dw = delta_weight(factors, geom, scale)  # float32, base orientation
-            if row_mask is not None:
-                shape = (1, -1) if geom.transposed else (-1, *[1] * (dw.dim() - 1))
-                dw = dw * row_mask.to(dw.device).view(shape)
-            dw = dw.to(dtype)
+            dw = _masked_delta(factors, geom, scale, row_mask).to(dtype)  # base orientation
             if cache_delta:
                 cache["delta"] = dw
         xp, g2 = _prepad(x, geom)
-        y = apply_delta_weight(xp, dw, g2).to(dtype)
+        y = apply_delta_weight(xp, dw, g2)
         return base_out.add_(y) if inplace else base_out + y
     if geom.ndim == 0 and not factors.tucker:
         qp = cache.get("linear") if cache is not None else None
         if qp is None:
-            f = factors
-            q = khatri_rao_cols(f.w1b, f.w2b).to(dtype)  # (R, in)
-            p = (khatri_rao_rows(f.w1a, f.w2a) * _as_rows(out_scale)).to(dtype)  # (out, R)
+            q, p = linear_qp(factors, out_scale, dtype)  # (R, in), (out, R)
             qp = (q.T, p.T)  # views; the cache keeps contiguous copies
             if cache is not None:
                 qp = (qp[0].contiguous(), qp[1].contiguous())

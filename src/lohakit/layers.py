@@ -303,6 +303,28 @@ class LoHaLayer(nn.Module):
         """ΔW = s·(w1a@w1b)⊙(w2a@w2b) in the base weight's shape and layout, factor dtype."""
         return Fn.delta_weight(self.factors(adapter_name), self.geometry, self.scaling[adapter_name])
 
+    def _to_merge(self, adapter_names: list[str] | None) -> list[str]:
+        """The adapters a merge would apply (default: the active ones), each once; refuses unloaded factors."""
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        names = [n for n in dict.fromkeys(names) if n in self.hada_w1_a and n not in self.merged_adapters]
+        for name in names:
+            self._check_loaded(name, self.factors(name), self.base_layer.weight)
+        return names
+
+    def merged_weight(self, adapter_names: list[str] | None = None) -> torch.Tensor:
+        """W + Σ ΔW on a copy, in W's dtype, exactly as :meth:`merge` would leave W.
+
+        Raises:
+            ValueError: naming the module and adapter, when the running sum is not finite.
+        """
+        w = self.base_layer.weight.detach()
+        with torch.no_grad():
+            for name in self._to_merge(adapter_names):
+                w = w + self.get_delta_weight(name).to(w.dtype)  # cumulative, as merge() adds them
+                if not torch.isfinite(w).all():
+                    raise ValueError(f"{self.module_name}: merging adapter {name!r} gives non-finite weights; nothing merged")
+        return w
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """W += ΔW (computed in float32, cast once to W's dtype) for each adapter not yet merged.
 
@@ -311,25 +333,16 @@ class LoHaLayer(nn.Module):
                 untouched) if it is not finite.
             adapter_names: Adapters to merge; default the active ones.
         """
-        names = self.active_adapters if adapter_names is None else list(adapter_names)
-        names = [n for n in names if n in self.hada_w1_a and n not in self.merged_adapters]
+        names = self._to_merge(adapter_names)
         self.clear_eval_cache()
         weight = self.base_layer.weight
-        for name in names:
-            self._check_loaded(name, self.factors(name), weight)
-        for name in names:
-            with torch.no_grad():
-                delta = self.get_delta_weight(name).to(weight.dtype)
-                if safe_merge:
-                    merged = weight.data + delta
-                    if not torch.isfinite(merged).all():
-                        raise ValueError(
-                            f"{self.module_name}: merging adapter {name!r} gives non-finite weights; nothing merged"
-                        )
-                    weight.data.copy_(merged)
-                else:
-                    weight.data.add_(delta)
-            self.merged_adapters.append(name)
+        with torch.no_grad():
+            if safe_merge:
+                weight.data.copy_(self.merged_weight(names))
+            else:
+                for name in names:
+                    weight.data.add_(self.get_delta_weight(name).to(weight.dtype))
+        self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
         """Subtract every merged adapter's ΔW, newest first."""
@@ -341,21 +354,12 @@ class LoHaLayer(nn.Module):
                 weight.data.sub_(self.get_delta_weight(name).to(weight.dtype))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self._disable_adapters:
-            if self.merged:
-                self.unmerge()
+        if self._disable_adapters and self.merged:
+            self.unmerge()
+        if self._disable_adapters or self.merged:
             return self.base_layer(x, *args, **kwargs)
-        if not self.merged and len(self._active_adapter) == 1 and not args and not kwargs:
-            fused = self._fused_linear_forward(x)  # training a plain nn.Linear: one autograd node
-            if fused is not None:
-                return fused
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        previous_dtype = result.dtype
-        # The base output is ours to accumulate into, unless a forward hook on the base layer (or
-        # a global one, nn.modules.module.register_module_forward_hook) may have kept a reference to it.
-        owns_result = not self.base_layer._forward_hooks and not nn.modules.module._global_forward_hooks
+        # (adapter, rank-dropout mask) for each active adapter that module dropout keeps this call
+        running: list[tuple[str, torch.Tensor | None]] = []
         for name in self._active_adapter:
             if name not in self.hada_w1_a:
                 continue
@@ -366,6 +370,17 @@ class LoHaLayer(nn.Module):
                 mask = Fn.rank_dropout_mask(
                     self.geometry.out_features, self.rank_dropout[name], self.rank_dropout_scale[name], x.device
                 )
+            running.append((name, mask))
+        if len(running) == 1 and not args and not kwargs:
+            fused = self._fused_linear_forward(x, *running[0])  # training a plain nn.Linear: one autograd node
+            if fused is not None:
+                return fused
+        result = self.base_layer(x, *args, **kwargs)
+        previous_dtype = result.dtype
+        # The base output is ours to accumulate into, unless a forward hook on the base layer (or
+        # a global one, nn.modules.module.register_module_forward_hook) may have kept a reference to it.
+        owns_result = not self.base_layer._forward_hooks and not nn.modules.module._global_forward_hooks
+        for name, mask in running:
             factors = self.factors(name)
             self._check_loaded(name, factors, result)
             if self._eval_cache and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in factors):
@@ -389,34 +404,23 @@ class LoHaLayer(nn.Module):
                 "(load_adapter, from_pretrained, or load_state_dict(..., assign=True))"
             )
 
-    def _fused_linear_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Base nn.Linear + the one active adapter through :class:`~lohakit.functional.FactoredLinearFused`.
+    def _fused_linear_forward(self, x: torch.Tensor, name: str, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Base nn.Linear + adapter ``name`` through :class:`~lohakit.functional.FactoredLinearFused`.
 
         Used only where it computes exactly what the general path does (see
         :func:`~lohakit.functional.fused_linear_applicable`) and the factored path is chosen;
         returns None otherwise. Saves the copy of the base output and the separate dL/dx sum
         (about 2 % of a CPU Llama training step).
         """
-        name = self._active_adapter[0]
-        if Fn._is_compiling() or name not in self.hada_w1_a:
-            return None
-        if self.training and self.module_dropout[name] > 0:
-            return None
         factors = self.factors(name)
-        if not Fn.fused_linear_applicable(self.base_layer, x, factors):
+        if Fn._is_compiling() or not Fn.fused_linear_applicable(self.base_layer, x, factors):
             return None
+        self._check_loaded(name, factors, x)
         geom = self.geometry
-        path = self.compute_path
-        if path == "auto":
-            n = x.numel() // max(geom.in_features, 1)
-            path = "factored" if Fn.prefer_factored(geom, factors.ranks, False, n, n, training=True) else "materialised"
-        if path != "factored":
+        if Fn.resolve_path(self.compute_path, factors, geom, *Fn.positions(x, None, geom), training=True) != "factored":
             return None
-        out_scale: torch.Tensor | float = self.scaling[name]
-        if self.training and self.rank_dropout[name] > 0:
-            mask = Fn.rank_dropout_mask(geom.out_features, self.rank_dropout[name], self.rank_dropout_scale[name], x.device)
-            out_scale = mask.to(device=factors.w1a.device, dtype=factors.w1a.dtype) * out_scale
         base = self.base_layer
+        out_scale = Fn.output_scale(self.scaling[name], mask, factors)
         return Fn.FactoredLinearFused.apply(x, base.weight, base.bias, *factors[:4], out_scale)
 
     # ---------------------------------------------------------------- inference cache

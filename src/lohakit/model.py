@@ -503,21 +503,13 @@ class LoHaModel(nn.Module):
         """
         names = self._check_names(adapter_names)
         layers = [layer for _, layer in self.loha_layers()]
-        for layer in layers:  # refuse before touching any weight
-            for n in names if names is not None else layer.active_adapters:
-                if n in layer.hada_w1_a and n not in layer.merged_adapters:
-                    layer._check_loaded(n, layer.factors(n), layer.base_layer.weight)
+        for layer in layers:  # refuse unloaded (meta) factors before touching any weight
+            layer._to_merge(names)
         if safe_merge:
+            # Check every layer before changing any. The merged copies are dropped and merge()
+            # recomputes them: holding them all would double the model's memory.
             for layer in layers:
-                w = layer.base_layer.weight.detach()
-                for n in names if names is not None else layer.active_adapters:
-                    if n in layer.hada_w1_a and n not in layer.merged_adapters:
-                        with torch.no_grad():
-                            w = w + layer.get_delta_weight(n).to(w.dtype)  # cumulative, as merge() adds them
-                            if not torch.isfinite(w).all():
-                                raise ValueError(
-                                    f"{layer.module_name}: merging adapter {n!r} gives non-finite weights; nothing merged"
-                                )
+                layer.merged_weight(names)
         for layer in layers:
             layer.merge(safe_merge=False, adapter_names=names)
 
