@@ -46,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import LoHaConfig
+from .io import atomic_write_bytes, load_state_dict, save_state_dict
 from .model import LoHaModel
 from .textdata import CausalLMData, ClassificationData, check_readable, load_tokenizer, read_records
 
@@ -396,9 +397,7 @@ def _params_digest(params: list[torch.Tensor]) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(text.encode("utf-8"), path)
 
 
 # ------------------------------------------------------------------------------------------
@@ -614,13 +613,9 @@ def train(cfg: TrainConfig, should_stop: Callable[[int], bool] | None = None) ->
         if loha_cfg.modules_to_save is None:
             loha_cfg.modules_to_save = _classification_heads(base) or None
     if resume_dir is not None:
-        if not hasattr(LoHaModel, "from_pretrained"):
-            raise ImportError("--resume needs lohakit's PEFT-format support (LoHaModel.from_pretrained)")
         peft = LoHaModel.from_pretrained(base, str(resume_dir), is_trainable=True)
     else:
         peft = LoHaModel(base, loha_cfg)
-    if not hasattr(peft, "save_pretrained"):
-        raise ImportError("lohakit train needs lohakit's PEFT-format support (LoHaModel.save_pretrained)")
     trainable, total = peft.get_nb_trainable_parameters()
 
     # ---------------------------------------------------------------- distributed set-up
@@ -641,9 +636,7 @@ def train(cfg: TrainConfig, should_stop: Callable[[int], bool] | None = None) ->
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, cfg.max_steps))
     start_step = 0
     if state is not None:
-        from safetensors.torch import load_file
-
-        opt_tensors = load_file(str(resume_dir / "optimizer.safetensors"))
+        opt_tensors = load_state_dict(resume_dir / "optimizer.safetensors")
         optimizer.load_state_dict(_optimizer_from_files(opt_tensors, state["optimizer"]))
         scheduler.load_state_dict(state["scheduler"])
         start_step = int(state["step"])
@@ -697,8 +690,6 @@ def train(cfg: TrainConfig, should_stop: Callable[[int], bool] | None = None) ->
         return rec
 
     def save_checkpoint(step: int, reason: str) -> Path:
-        from safetensors.torch import save_file
-
         rng = [_rng_state()]
         digest = [_params_digest(params)]
         if world > 1:
@@ -714,7 +705,7 @@ def train(cfg: TrainConfig, should_stop: Callable[[int], bool] | None = None) ->
             tmp.mkdir(parents=True)
             acc.unwrap_model(model).save_pretrained(str(tmp))
             opt_tensors, opt_meta = _optimizer_to_files(optimizer.state_dict())
-            save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
+            save_state_dict(opt_tensors, tmp / "optimizer.safetensors", metadata={"format": "pt"})
             st = {
                 "step": step,
                 "reason": reason,
