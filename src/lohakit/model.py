@@ -20,7 +20,7 @@ import torch.nn as nn
 from .config import LoHaConfig
 from .layers import Conv1d, Conv2d, Conv3d, HFConv1D, Linear, LoHaLayer, _hf_conv1d_type
 from .targets import (
-    DEFAULT_TARGET_MODULES, is_excluded, is_under_modules_to_save, matches_target, pattern_key, rank_and_alpha,
+    DEFAULT_TARGET_MODULES, matches_target, pattern_key, rank_and_alpha,
 )
 
 logger = logging.getLogger(__name__)
@@ -228,21 +228,13 @@ class LoHaModel(nn.Module):
                 continue
             if isinstance(module, (LoHaLayer, ModulesToSaveWrapper)):
                 skip_prefixes.append(name + ".")
+            base = module.base_layer if isinstance(module, LoHaLayer) else module
+            linear = isinstance(base, linear_types) and name not in out_names and name.split(".")[-1] not in out_names
+            hit = matches_target(config, name, linear_candidate=linear)
             if name in mha_out:
-                if all_linear or matches_target(config, name):
+                if hit:
                     skipped_mha.append(name)
                 continue
-            if all_linear:
-                base = module.base_layer if isinstance(module, LoHaLayer) else module
-                hit = (
-                    isinstance(base, linear_types)
-                    and name.split(".")[-1] not in out_names
-                    and name not in out_names
-                    and not is_excluded(config, name)
-                    and not is_under_modules_to_save(config, name)
-                )
-            else:
-                hit = matches_target(config, name)
             if hit:
                 targets.append((name, module))
         counts: dict[int, int] = {}

@@ -104,17 +104,20 @@ def layer_index(key: str, layers_pattern: Sequence[str] | str | None) -> int | N
     return int(m.group(1)) if m else None
 
 
-def matches_target(config: LoHaConfig, key: str) -> bool:
+def matches_target(config: LoHaConfig, key: str, linear_candidate: bool = False) -> bool:
     """Whether module path ``key`` is a target of ``config`` (before type checks).
 
     ``target_modules`` as a list: exact name or dotted-suffix match; as a string: regex full
-    match. ``"all-linear"`` is resolved by the model (it depends on module types), not here.
+    match; ``"all-linear"``: every linear layer but the output head, which depends on module
+    types, so the caller says whether ``key`` is one (``linear_candidate``).
     """
     if is_excluded(config, key) or is_under_modules_to_save(config, key):
         return False
     tm = config.target_modules
     if tm is None:
         return False
+    if tm == "all-linear":
+        return linear_candidate
     if isinstance(tm, str):
         return re.fullmatch(tm, key) is not None
     if key in tm:
