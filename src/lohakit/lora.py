@@ -274,15 +274,14 @@ def save_lora_peft(
 
     Loads with ``peft.PeftModel.from_pretrained(base_model, save_directory)``.
     """
-    from .formats.kohya import _write_peft_dir
-    from .formats.peft import PEFT_FORMAT_VERSION
+    from .formats.peft import PEFT_FORMAT_VERSION, write_adapter_dirs
 
     if not exports:
         raise ValueError("save_lora_peft: nothing to write (empty export)")
     sd = {k: v.to(dtype) for k, v in lora_peft_state_dict(exports).items()}
     config = lora_peft_config(exports, base_model_name_or_path)
     config["peft_version"] = PEFT_FORMAT_VERSION
-    _write_peft_dir(save_directory, sd, config)
+    write_adapter_dirs([(save_directory, config, sd)])
 
 
 def lora_kohya_state_dict(

@@ -35,6 +35,7 @@ import torch.nn as nn
 from .. import functional as Fn
 from ..functional import Geometry, HadaFactors
 from ..layers import LoHaLayer, geometry_of
+from .peft import ADAPTER_CONFIG_NAME, KEY_PREFIX, SAFETENSORS_WEIGHTS_NAME, peft_config_dict, write_adapter_dirs
 
 if TYPE_CHECKING:
     from ..config import LoHaConfig
@@ -793,24 +794,9 @@ def _write_kohya_file(sd: dict[str, torch.Tensor], path: str, meta: dict[str, st
     return meta
 
 
-def _write_peft_dir(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
-    """adapter_model.safetensors + adapter_config.json, all-or-nothing."""
-    from ..io import StagedWrites
-
-    folder = os.fspath(folder)
-    data = (json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
-    with StagedWrites() as writes:
-        writes.stage_safetensors(tensors, os.path.join(folder, _PEFT_WEIGHTS), {"format": "pt"})
-        writes.stage_bytes(data, os.path.join(folder, _PEFT_CONFIG))
-        writes.commit()
-
-
 # ------------------------------------------------------------------------------------------
 # Conversion kohya file <-> PEFT directory
 # ------------------------------------------------------------------------------------------
-_PEFT_KEY_PREFIX = "base_model.model."
-_PEFT_WEIGHTS = "adapter_model.safetensors"
-_PEFT_CONFIG = "adapter_config.json"
 
 
 def _exact_pattern(path: str) -> str:
@@ -876,14 +862,8 @@ def kohya_to_peft(
                 continue
             if pname in ("hada_t1", "hada_t2") and p.geometry.ndim == 1:
                 t = t.reshape(*t.shape, 1)  # PEFT stores Conv1d cores as (r, r, k, 1)
-            tensors[f"{_PEFT_KEY_PREFIX}{p.path}.{pname}"] = t.float().contiguous()
-    cfg = config.to_dict()
-    if cfg.get("rank_dropout_scale", True) is True:
-        cfg.pop("rank_dropout_scale", None)  # PEFT's behaviour; PEFT would warn about the key
-    from .peft import PEFT_FORMAT_VERSION
-
-    cfg["peft_version"] = PEFT_FORMAT_VERSION
-    _write_peft_dir(save_directory, tensors, cfg)
+            tensors[f"{KEY_PREFIX}{p.path}.{pname}"] = t.float().contiguous()
+    write_adapter_dirs([(save_directory, peft_config_dict(config), tensors)])
     report = KohyaLoadReport(adapter_name=None, merged=False, metadata=metadata, unused_keys=unused, unmatched_modules=unmatched)
     report.matched = {p.name: f"{prefix}:{p.path}" for p in planned}
     return config, report
@@ -923,8 +903,8 @@ def peft_to_kohya(
 
     out_path, extra = _check_output("peft_to_kohya", path, metadata)
     folder = os.fspath(peft_directory)
-    cfg_path = os.path.join(folder, _PEFT_CONFIG)
-    w_path = os.path.join(folder, _PEFT_WEIGHTS)
+    cfg_path = os.path.join(folder, ADAPTER_CONFIG_NAME)
+    w_path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
     for f in (cfg_path, w_path):
         if not os.path.isfile(f):
             raise FileNotFoundError(f"PEFT directory {folder!r} has no {os.path.basename(f)}")
@@ -933,10 +913,10 @@ def peft_to_kohya(
     modules: dict[str, dict[str, torch.Tensor]] = {}
     foreign: list[str] = []
     for key, t in sd.items():
-        if not key.startswith(_PEFT_KEY_PREFIX):
+        if not key.startswith(KEY_PREFIX):
             foreign.append(key)
             continue
-        mpath, _, param = key[len(_PEFT_KEY_PREFIX):].rpartition(".")
+        mpath, _, param = key[len(KEY_PREFIX):].rpartition(".")
         if param not in LOHA_PARAMS or not mpath:
             foreign.append(key)
             continue

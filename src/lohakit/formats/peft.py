@@ -67,6 +67,8 @@ __all__ = [
     "plan_adapter",
     "check_adapter_tensors",
     "peft_state_dict",
+    "peft_config_dict",
+    "write_adapter_dirs",
     "save_pretrained",
     "from_pretrained",
     "load_adapter",
@@ -490,20 +492,43 @@ def _name_or_path(model: nn.Module) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _config_json(model: LoHaModel, adapter_name: str) -> bytes:
-    config = model.peft_config[adapter_name]
+def peft_config_dict(config: LoHaConfig) -> dict[str, Any]:
+    """``adapter_config.json`` content for ``config`` as PEFT writes it for a saved adapter.
+
+    Inference mode on, ``rank_dropout_scale`` left out at its default (PEFT would warn about
+    the unknown key), ``peft_version`` added.
+    """
     d = config.to_dict()
-    d["inference_mode"] = True  # PEFT writes the config of a saved adapter in inference mode
+    d["inference_mode"] = True
+    if d.get("rank_dropout_scale", True) is True:
+        d.pop("rank_dropout_scale", None)
+    d["peft_version"] = PEFT_FORMAT_VERSION
+    return d
+
+
+def _config_json(model: LoHaModel, adapter_name: str) -> dict[str, Any]:
+    d = peft_config_dict(model.peft_config[adapter_name])
     if d.get("base_model_name_or_path") is None:
         d["base_model_name_or_path"] = _name_or_path(model.model)
-    if d.get("rank_dropout_scale", True) is True:
-        d.pop("rank_dropout_scale", None)  # PEFT's default; PEFT would warn about the unknown key
-    d["peft_version"] = PEFT_FORMAT_VERSION
     base_cls = type(model.model)
     d["auto_mapping"] = (
         {"base_model_class": base_cls.__name__, "parent_library": base_cls.__module__} if d.get("task_type") is None else None
     )
-    return (json.dumps(d, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+    return d
+
+
+def write_adapter_dirs(payloads: Iterable[tuple[str | os.PathLike, dict[str, Any], Mapping[str, torch.Tensor]]]) -> None:
+    """Write ``(directory, config dict, tensors)`` adapter folders in PEFT's layout, all or nothing.
+
+    Every file goes to a temporary file first and all are renamed into place only once all
+    were written: a failure leaves existing files untouched and no temporary file behind.
+    """
+    with StagedWrites() as writes:
+        for directory, config, tensors in payloads:
+            data = (json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+            writes.stage_safetensors(tensors, Path(directory) / SAFETENSORS_WEIGHTS_NAME, {"format": "pt"})
+            writes.stage_bytes(data, Path(directory) / ADAPTER_CONFIG_NAME)
+        writes.commit()
 
 
 def save_pretrained(
@@ -556,11 +581,7 @@ def save_pretrained(
             )
         directory = root if n == "default" else root / n
         payloads.append((directory, _config_json(model, n), tensors))
-    with StagedWrites() as writes:
-        for directory, config_bytes, tensors in payloads:
-            writes.stage_safetensors(tensors, directory / SAFETENSORS_WEIGHTS_NAME, {"format": "pt"})
-            writes.stage_bytes(config_bytes, directory / ADAPTER_CONFIG_NAME)
-        writes.commit()
+    write_adapter_dirs(payloads)
 
 
 # ------------------------------------------------------------------------------------------
