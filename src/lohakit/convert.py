@@ -40,8 +40,6 @@ def load_any_model(model_dir: str | os.PathLike) -> Any:
     """A transformers model directory, or a diffusers component directory (config with ``_class_name``)."""
     import json
 
-    from .train import _model_dir_checks
-
     d = Path(model_dir)
     if not d.exists():
         raise FileNotFoundError(f"base model directory {str(d)!r} does not exist")
@@ -53,16 +51,17 @@ def load_any_model(model_dir: str | os.PathLike) -> Any:
         if isinstance(cfg, dict) and "_class_name" in cfg:
             if not any((d / f).is_file() for f in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")):
                 raise ValueError(f"model directory {str(d)!r} has no weights (diffusion_pytorch_model.safetensors)")
-            import diffusers
-
+            try:
+                import diffusers
+            except ImportError as e:
+                raise ImportError(f"{d} is a diffusers model directory; loading it needs diffusers: pip install diffusers") from e
             cls = getattr(diffusers, cfg["_class_name"], None)
             if cls is None:
                 raise ValueError(f"{d / 'config.json'}: diffusers has no class {cfg['_class_name']!r}")
             return cls.from_pretrained(str(d))
-    _model_dir_checks(d)
     from .merge import load_transformers_model
 
-    return load_transformers_model(d)
+    return load_transformers_model(d)  # validates the directory (config.json, weights)
 
 
 def _peft_dir_as_state_dict(src: Path) -> tuple[dict[str, Any], dict[str, str]]:

@@ -29,7 +29,10 @@ def load_transformers_model(model_dir: str | os.PathLike) -> Any:
     from .train import _model_dir_checks
 
     cfg = _model_dir_checks(Path(model_dir))
-    import transformers
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError("loading a transformers model directory needs transformers: pip install 'lohakit[cli]'") from e
 
     arch = (cfg.get("architectures") or [None])[0]
     cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
