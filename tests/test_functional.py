@@ -170,8 +170,7 @@ def test_gradcheck_stage_chain(name, build, shape, tucker):
     mask = torch.rand(geom.out_features, dtype=D) + 0.5
 
     def fn(x, base, *factors):
-        ff = HadaFactors(*factors) if len(factors) == 6 else HadaFactors(*factors)
-        return Fn.loha_delta_forward(x, base, ff, geom, 0.9, row_mask=mask, path="factored")
+        return Fn.loha_delta_forward(x, base, HadaFactors(*factors), geom, 0.9, row_mask=mask, path="factored")
 
     tensors = [t for t in f if t is not None]
     assert torch.autograd.gradcheck(fn, (x, base, *tensors))
