@@ -221,14 +221,6 @@ def to_lora(
 # ------------------------------------------------------------------------------------------
 # Writers
 # ------------------------------------------------------------------------------------------
-def _patterns(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """Most common value as default plus exact-path regex overrides for the others."""
-    import re
-
-    default = Counter(values.values()).most_common(1)[0][0]
-    return default, {"^" + re.escape(k): v for k, v in sorted(values.items()) if v != default}
-
-
 def lora_peft_state_dict(exports: Mapping[str, LoraExport], prefix: str = "base_model.model.") -> dict[str, torch.Tensor]:
     """PEFT LoRA keys ``<prefix><path>.lora_A.weight`` / ``.lora_B.weight`` (diffusers: prefix ``"unet."``)."""
     sd: dict[str, torch.Tensor] = {}
@@ -240,9 +232,11 @@ def lora_peft_state_dict(exports: Mapping[str, LoraExport], prefix: str = "base_
 
 def lora_peft_config(exports: Mapping[str, LoraExport], base_model_name_or_path: str | None = None) -> dict[str, Any]:
     """A PEFT ``LoraConfig`` dict: r/alpha defaults from the most common rank, per-module patterns."""
+    from .formats.kohya import _patterns_from
+
     ranks = {p: e.rank for p, e in exports.items()}
-    r, rank_pattern = _patterns(ranks)
-    alpha, alpha_pattern = _patterns({p: float(e.rank) for p, e in exports.items()})  # LoRA scale 1
+    r, rank_pattern = _patterns_from(ranks)
+    alpha, alpha_pattern = _patterns_from({p: float(e.rank) for p, e in exports.items()})  # LoRA scale 1
     transposed = [e.transposed for e in exports.values()]
     return {
         "peft_type": "LORA",
