@@ -188,20 +188,29 @@ def read_records(path: str | os.PathLike, text_field: str = "text", label_field:
 class _Positions:
     """Deterministic infinite sample order: position p -> index (see module docstring)."""
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
-        self.n, self.seed, self.shuffle = n, seed, shuffle
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
         self._perm: dict[int, list[int]] = {}
 
     def index(self, p: int) -> int:
         epoch, k = divmod(p, self.n)
-        if not self.shuffle:
-            return k
         if epoch not in self._perm:
             if len(self._perm) > 4:
                 self._perm.clear()
             g = torch.Generator().manual_seed(self.seed + epoch)
             self._perm[epoch] = torch.randperm(self.n, generator=g).tolist()
         return self._perm[epoch][k]
+
+    def batch(self, step: int, micro: int, accum: int, global_batch: int, rank: int, world: int) -> list[int]:
+        """Sample indices of rank ``rank``'s share of micro-batch ``micro`` of optimiser step ``step``."""
+        per = global_batch // world
+        start = (step * accum + micro) * global_batch + rank * per
+        return [self.index(start + i) for i in range(per)]
+
+
+def _n_eval(n: int, eval_fraction: float) -> int:
+    """How many trailing items of ``n`` are held out for evaluation (none when n < 2 or fraction 0)."""
+    return max(1, round(n * eval_fraction)) if n >= 2 and eval_fraction > 0 else 0
 
 
 @dataclass
@@ -247,7 +256,7 @@ class CausalLMData:
             ev = cls.pack(eval_texts, tok, seq_len)
         else:
             n = blocks.shape[0]
-            n_eval = max(1, round(n * eval_fraction)) if n >= 2 and eval_fraction > 0 else 0
+            n_eval = _n_eval(n, eval_fraction)
             blocks, ev = blocks[: n - n_eval], blocks[n - n_eval :]
         return cls(train=blocks, eval=ev, seed=seed)
 
@@ -255,10 +264,7 @@ class CausalLMData:
         """Rank ``rank``'s share of micro-batch ``micro`` of optimiser step ``step``."""
         if self._order is None:
             self._order = _Positions(self.train.shape[0], self.seed)
-        per = global_batch // world
-        base = (step * accum + micro) * global_batch + rank * per
-        idx = [self._order.index(base + i) for i in range(per)]
-        ids = self.train[idx]  # (B, L)
+        ids = self.train[self._order.batch(step, micro, accum, global_batch, rank, world)]  # (B, L)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     def eval_batches(self, batch_size: int, max_batches: int | None) -> list[dict[str, torch.Tensor]]:
@@ -315,7 +321,7 @@ class ClassificationData:
             raise ValueError(f"{source} is empty: no non-empty text records")
         if eval_records is None:
             n = len(train)
-            n_eval = max(1, round(n * eval_fraction)) if n >= 2 and eval_fraction > 0 else 0
+            n_eval = _n_eval(n, eval_fraction)
             train, eval_records = list(train[: n - n_eval]), list(train[n - n_eval :])
         names = cls.label_map([r["label"] for r in list(train) + list(eval_records)])
         index = {n: i for i, n in enumerate(names)}
@@ -340,9 +346,7 @@ class ClassificationData:
     def batch(self, step: int, micro: int, accum: int, global_batch: int, rank: int, world: int) -> dict[str, torch.Tensor]:
         if self._order is None:
             self._order = _Positions(len(self.train_ids), self.seed)
-        per = global_batch // world
-        base = (step * accum + micro) * global_batch + rank * per
-        idx = [self._order.index(base + i) for i in range(per)]
+        idx = self._order.batch(step, micro, accum, global_batch, rank, world)
         return self._collate([self.train_ids[i] for i in idx], [self.train_labels[i] for i in idx])
 
     def eval_batches(self, batch_size: int, max_batches: int | None) -> list[dict[str, torch.Tensor]]:
