@@ -113,7 +113,7 @@ def _train_config(args: argparse.Namespace) -> Any:
 
     data: dict[str, Any] = load_config_file(args.config) if args.config else {}
     source = f"config file {args.config!r}" if args.config else "train flags"
-    for _, (dest, _) in _TRAIN_FLAGS.items():
+    for dest, _ in _TRAIN_FLAGS.values():
         if getattr(args, dest) is not None:
             data[dest] = getattr(args, dest)
     for dest in ("cpu", "resume", "overwrite", "progress"):

@@ -298,10 +298,6 @@ def _lora_model(base: nn.Module, rank: int, alpha: float) -> nn.Module | None:
         return get_peft_model(base, cfg)
 
 
-def _count_trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 # ------------------------------------------------------------------------------------------
 # Plot
 # ------------------------------------------------------------------------------------------
@@ -460,7 +456,7 @@ def _run(
         if lora is None:
             echo("[3] PEFT LoRA comparison skipped: peft is not installed")
         else:
-            lp = _count_trainable(lora)
+            lp = lora.get_nb_trainable_parameters()[0]
             l_losses, l_evals, l_secs = _fit(lora, code_train, s.adapt_steps, s.lora_lr, s, seed + 2, "LoRA (code)",
                                              eval_fn=lambda: perplexity(lora, code_eval), eval_every=max(1, s.adapt_steps // 4))
             l_after = perplexity(lora, code_eval)
