@@ -1,4 +1,4 @@
-"""lohakit benchmark suite: ``python -m bench {linear,llama,conv,infer,memory,all} [--quick]``.
+"""lohakit benchmark suite: ``python -m bench {linear,llama,conv,infer,memory,calibrate,all,render} [--quick]``.
 
 Every suite builds the variants side by side in ONE process (memory: one subprocess per
 variant), interleaves their repetitions and reports medians and RATIOS against the

@@ -145,7 +145,6 @@ def run_merge_load(quick: bool, device: str, r: int = 8) -> list[dict]:
 
 
 if __name__ == "__main__":
+    # threads: inherited through OMP_NUM_THREADS (python -m bench --threads sets it)
     _v, _r, _d, _s = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-    if len(sys.argv) > 5:
-        torch.set_num_threads(int(sys.argv[5]))
     print(json.dumps(worker(_v, _r, _d, _s)))
