@@ -183,3 +183,18 @@ def test_compressed_export_error_reported(adapted_sd1):
     assert all(0.0 <= e.rel_error <= 1.0 for e in ex.values()) and max(e.rel_error for e in ex.values()) > 0
     exact = to_lora(lm, rank=4)
     assert max(e.rel_error for e in exact.values()) < 1e-6
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "loha_model"])
+def test_lora_file_names_match_loha_file_names(wrapped, tmp_path):
+    """A CLIPTextModel (no ``text_model`` level under transformers 5) gets the same legacy
+    kohya names in the LoRA file as in the LoHa file, whether given plain or as a LoHaModel."""
+    te = clip_te()
+    lm = LoHaModel(te, LoHaConfig(r=2, alpha=2, target_modules=["q_proj", "fc1"], init_weights=False))
+    model = lm if wrapped else lm.model
+    loha_sd, _ = kohya_state_dict({"lora_te": model}, "default")
+    path = str(tmp_path / "lora.safetensors")
+    save_lora_kohya(path, {"lora_te": to_lora(lm)}, models={"lora_te": model})
+    lora_names = {k.split(".")[0] for k in load_file(path)}
+    assert lora_names == {k.split(".")[0] for k in loha_sd}
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in lora_names

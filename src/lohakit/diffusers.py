@@ -285,8 +285,7 @@ def save_loha_as_lora(
     Returns:
         kohya module name -> relative Frobenius error of the export (0.0 when exact).
     """
-    from .formats.kohya import kohya_name, legacy_path_prefix
-    from .lora import save_lora_kohya, to_lora
+    from .lora import lora_kohya_name, save_lora_kohya, to_lora
 
     models, tables, kind = pipeline_models(pipe)
     names = {p: {path_: name for name, path_ in t.items()} for p, t in tables.items()}
@@ -299,9 +298,4 @@ def save_loha_as_lora(
     meta = {"ss_base_model_version": "sdxl_base_v1-0" if kind == "sdxl" else "sd_v1"}
     meta.update(metadata or {})
     save_lora_kohya(path, exports, dtype=dtype, metadata=meta, names=names, models=models)
-    errors = {}
-    for prefix, ex in exports.items():
-        legacy = legacy_path_prefix(_unwrap(models[prefix]))
-        for p, e in ex.items():
-            errors[names.get(prefix, {}).get(p) or kohya_name(prefix, legacy + p)] = e.rel_error
-    return errors
+    return {lora_kohya_name(prefix, p, names, models): e.rel_error for prefix, ex in exports.items() for p, e in ex.items()}

@@ -278,6 +278,24 @@ def save_lora_peft(
     write_adapter_dirs([(save_directory, config, sd)])
 
 
+def lora_kohya_name(
+    prefix: str,
+    path: str,
+    names: Mapping[str, Mapping[str, str]] | None = None,
+    models: Mapping[str, nn.Module] | None = None,
+) -> str:
+    """The kohya module name :func:`lora_kohya_state_dict` writes ``path`` under ``prefix`` as.
+
+    A prefix of ``""`` means ``path`` already is a kohya module name (unless overridden in ``names``).
+    """
+    from .formats.kohya import export_name
+
+    table = (names or {}).get(prefix)
+    if not prefix:
+        return (table or {}).get(path) or path
+    return export_name(prefix, path, (models or {}).get(prefix), table)
+
+
 def lora_kohya_state_dict(
     exports_by_prefix: Mapping[str, Mapping[str, LoraExport]],
     dtype: torch.dtype | None = torch.float16,
@@ -294,14 +312,11 @@ def lora_kohya_state_dict(
         models: Optional prefix -> model, for legacy name prefixes (CLIPTextModel's
             ``text_model`` under transformers 5).
     """
-    from .formats.kohya import kohya_name, legacy_path_prefix
-
     sd: dict[str, torch.Tensor] = {}
     ranks: list[int] = []
     for prefix, exports in exports_by_prefix.items():
-        legacy = legacy_path_prefix(models[prefix]) if models and prefix in models else ""
         for path, e in exports.items():
-            name = (names or {}).get(prefix, {}).get(path) or (kohya_name(prefix, legacy + path) if prefix else path)
+            name = lora_kohya_name(prefix, path, names, models)
             if f"{name}.alpha" in sd:
                 raise ValueError(f"two modules get the kohya name {name!r}")
             cast = (lambda t: t.detach().cpu().to(dtype).contiguous()) if dtype is not None else (lambda t: t.detach().cpu().contiguous())

@@ -47,6 +47,7 @@ __all__ = [
     "kohya_name",
     "kohya_name_table",
     "legacy_path_prefix",
+    "export_name",
     "read_kohya_file",
     "load_kohya",
     "save_kohya",
@@ -103,11 +104,27 @@ _LEGACY_PATH_PREFIX: dict[str, tuple[str, str]] = {"CLIPTextModel": ("text_model
 
 
 def legacy_path_prefix(model: nn.Module) -> str:
-    """The path prefix kohya files use for ``model`` but its module tree lacks (usually "")."""
+    """The path prefix kohya files use for ``model`` (or a LoHaModel's wrapped model) but its module tree lacks (usually "")."""
+    model = _unwrap(model)
     rule = _LEGACY_PATH_PREFIX.get(type(model).__name__)
     if rule is None or hasattr(model, rule[0]):
         return ""
     return rule[1]
+
+
+def export_name(prefix: str, path: str, model: nn.Module | None = None, names: Mapping[str, str] | None = None) -> str:
+    """The kohya name a module is written under.
+
+    Args:
+        prefix: kohya prefix of the model (``lora_unet``, ``lora_te``, …).
+        path: Module path relative to the (unwrapped) model.
+        model: The model, for its legacy path prefix (see :func:`legacy_path_prefix`); None: no prefix.
+        names: ``{module path: kohya name}`` overrides (e.g. SDXL's SGM names); an override wins.
+    """
+    override = (names or {}).get(path)
+    if override:
+        return override
+    return kohya_name(prefix, (legacy_path_prefix(model) if model is not None else "") + path)
 
 
 def kohya_name_table(
@@ -714,8 +731,7 @@ def kohya_state_dict(
     for prefix, path, layer in _loha_layers(models):
         if adapter_name not in layer.hada_w1_a:
             continue
-        legacy = legacy_path_prefix(_unwrap(models[prefix]))
-        name = (names or {}).get(prefix, {}).get(path) or kohya_name(prefix, legacy + path)
+        name = export_name(prefix, path, models[prefix], (names or {}).get(prefix))
         if name in owner:
             raise ValueError(f"modules {owner[name]!r} and {prefix}:{path!r} both get the kohya name {name!r}")
         owner[name] = f"{prefix}:{path}"
@@ -951,8 +967,7 @@ def peft_to_kohya(
                 conv_k = geom is not None and geom.ndim > 0 and geom.kernel_numel > 1
             except AttributeError:
                 pass
-        legacy = legacy_path_prefix(_unwrap(model)) if model is not None else ""
-        name = (names or {}).get(mpath) or kohya_name(prefix, legacy + mpath)
+        name = export_name(prefix, mpath, model, names)
         entries.append(_Entry(name, tensors, r, float(alpha), conv_k, tucker))
     out, meta = _entries_state_dict(entries, dtype)
     return _write_kohya_file(out, out_path, meta, extra)
