@@ -254,6 +254,16 @@ def unload_loha_weights(pipe: Any, adapter_name: str | None = None) -> None:
         raise ValueError(f"pipeline has no LoHa adapter {adapter_name!r}")
 
 
+def _export_setup(
+    pipe: Any, metadata: Mapping[str, str] | None
+) -> tuple[dict[str, nn.Module], dict[str, dict[str, str]], dict[str, str]]:
+    """(prefix -> model, per prefix {module path: kohya name} overrides, header metadata) for writing a file."""
+    models, tables, kind = pipeline_models(pipe)
+    names = {p: {path: name for name, path in t.items()} for p, t in tables.items()}
+    meta = {"ss_base_model_version": "sdxl_base_v1-0" if kind == "sdxl" else "sd_v1", **(metadata or {})}
+    return models, names, meta
+
+
 def save_loha_weights(
     pipe: Any,
     path: str | os.PathLike,
@@ -262,10 +272,7 @@ def save_loha_weights(
     metadata: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Write a pipeline's adapter as a kohya LoHa file (SGM UNet names and te1/te2 for SDXL)."""
-    models, tables, kind = pipeline_models(pipe)
-    names = {p: {path_: name for name, path_ in t.items()} for p, t in tables.items()}
-    meta = {"ss_base_model_version": "sdxl_base_v1-0" if kind == "sdxl" else "sd_v1"}
-    meta.update(metadata or {})
+    models, names, meta = _export_setup(pipe, metadata)
     return save_kohya(path, models, adapter_name=adapter_name, dtype=dtype, metadata=meta, names=names)
 
 
@@ -287,15 +294,12 @@ def save_loha_as_lora(
     """
     from .lora import lora_kohya_name, save_lora_kohya, to_lora
 
-    models, tables, kind = pipeline_models(pipe)
-    names = {p: {path_: name for name, path_ in t.items()} for p, t in tables.items()}
+    models, names, meta = _export_setup(pipe, metadata)
     exports = {}
     for prefix, model in models.items():
         if any(adapter_name in layer.hada_w1_a for _, _, layer in _loha_layers({prefix: model})):
             exports[prefix] = to_lora(_unwrap(model), rank=rank, adapter_name=adapter_name)
     if not exports:
         raise ValueError(f"pipeline has no LoHa adapter {adapter_name!r}")
-    meta = {"ss_base_model_version": "sdxl_base_v1-0" if kind == "sdxl" else "sd_v1"}
-    meta.update(metadata or {})
     save_lora_kohya(path, exports, dtype=dtype, metadata=meta, names=names, models=models)
     return {lora_kohya_name(prefix, p, names, models): e.rel_error for prefix, ex in exports.items() for p, e in ex.items()}
