@@ -481,7 +481,7 @@ def test_failure_while_applying_rolls_back(entry, stage, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ Hub resolution (no network)
 def test_hub_repo_id_resolution(tmp_path, monkeypatch):
-    huggingface_hub = pytest.importorskip("huggingface_hub")
+    import huggingface_hub  # a dependency of peft/transformers (test extra): never skipped
     from huggingface_hub.errors import EntryNotFoundError
 
     lm = loha_save(net(), NET_CONFIGS["flat"], tmp_path / "repo", extra={"other": OTHER})
@@ -502,6 +502,7 @@ def test_hub_repo_id_resolution(tmp_path, monkeypatch):
     assert calls[0]["revision"] == "v1" and calls[0]["token"] == "t" and calls[2]["subfolder"] == "other"
     for name in ("default", "other"):
         a, b = adapter_tensors(lm, name), adapter_tensors(back, name)
+        assert a and a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a)
     # legacy .bin fallback when the repo has no safetensors file
     sd = load_file(str(tmp_path / "repo" / pf.SAFETENSORS_WEIGHTS_NAME))

@@ -11,7 +11,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
 import torch
 import torch.nn as nn
 
@@ -134,4 +133,4 @@ def test_accelerate_save_state_load_state(tmp_path):
     adapter_dir = tmp_path / "ckpt" / "adapter"
     from_hook = LoHaModel.from_pretrained(tiny_llama(), str(adapter_dir))
     loaded = pf.peft_state_dict(from_hook, "default")
-    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    assert loaded.keys() == saved.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
