@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from .. import functional as Fn
 from ..functional import Geometry, HadaFactors
-from ..layers import LoHaLayer, geometry_of
+from ..layers import ADAPTER_PARAM_NAMES, LoHaLayer, geometry_of
 from .peft import ADAPTER_CONFIG_NAME, KEY_PREFIX, SAFETENSORS_WEIGHTS_NAME, peft_config_dict, write_adapter_dirs
 
 if TYPE_CHECKING:
@@ -60,8 +60,8 @@ __all__ = [
 ]
 
 #: Per-module parameter names of a LoHa module in a kohya/LyCORIS file.
-LOHA_PARAMS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "dora_scale")
-_REQUIRED = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+LOHA_PARAMS = (*ADAPTER_PARAM_NAMES, "alpha", "dora_scale")
+_REQUIRED = ADAPTER_PARAM_NAMES[:4]  # w1a, w1b, w2a, w2b (HadaFactors order)
 
 StateDictOrPath = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
 #: prefix -> {kohya module name -> module path}; extra names for a model (e.g. SDXL's SGM names).
@@ -524,8 +524,7 @@ def load_kohya(
             device = layer.base_layer.weight.device
             layer.update_layer(adapter_name, r=p.r, alpha=p.alpha, init_weights=True,
                                use_effective_conv2d=p.tucker, device="meta")
-            names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
-            for pname, t in zip(names, p.factors):
+            for pname, t in zip(ADAPTER_PARAM_NAMES, p.factors):
                 if t is None:
                     continue
                 target_shape = getattr(layer, pname)[adapter_name].shape
@@ -871,9 +870,8 @@ def kohya_to_peft(
     except ValueError as e:
         raise ValueError(f"{label}: {e}") from None
     tensors: dict[str, torch.Tensor] = {}
-    names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
     for p in planned:
-        for pname, t in zip(names, p.factors):
+        for pname, t in zip(ADAPTER_PARAM_NAMES, p.factors):
             if t is None:
                 continue
             if pname in ("hada_t1", "hada_t2") and p.geometry.ndim == 1:
