@@ -920,24 +920,21 @@ def _delta_forward_nograd(
     cached ΔW the cost model drops the build term (it is paid once), see :func:`prefer_factored`.
     """
     dtype = base_out.dtype
-    # A cached ΔW is as large as the base weight: only small layers keep one (see the constant).
-    cache_delta = cache is not None and geom.out_features * geom.flat_in <= EVAL_CACHE_MAX_DELTA_NUMEL
     if path == "auto":
         n_out, n_in = positions(x, base_out, geom)
         decided = cache.get(("path", n_out, n_in)) if cache is not None else None  # per call shape
         if decided is None:
-            decided = resolve_path(path, factors, geom, n_out, n_in, build_delta=not cache_delta)
+            decided = resolve_path(path, factors, geom, n_out, n_in, build_delta=not _keeps_delta(cache, geom))
             if cache is not None:
                 cache[("path", n_out, n_in)] = decided
         path = decided
-    out_scale = output_scale(scale, row_mask, factors)
     if x.dtype != dtype:
         x = x.to(dtype)
     if path == "materialised" or not _chain_supported(geom):
         dw = cache.get("delta") if cache is not None else None
         if dw is None:
             dw = _masked_delta(factors, geom, scale, row_mask).to(dtype)  # base orientation
-            if cache_delta:
+            if _keeps_delta(cache, geom):
                 cache["delta"] = dw
         xp, g2 = _prepad(x, geom)
         y = apply_delta_weight(xp, dw, g2)
@@ -945,7 +942,7 @@ def _delta_forward_nograd(
     if geom.ndim == 0 and not factors.tucker:
         qp = cache.get("linear") if cache is not None else None
         if qp is None:
-            q, p = linear_qp(factors, out_scale, dtype)  # (R, in), (out, R)
+            q, p = linear_qp(factors, output_scale(scale, row_mask, factors), dtype)  # (R, in), (out, R)
             qp = (q.T, p.T)  # views; the cache keeps contiguous copies
             if cache is not None:
                 qp = (qp[0].contiguous(), qp[1].contiguous())
@@ -954,7 +951,7 @@ def _delta_forward_nograd(
     xp, g2 = _prepad(x, geom)
     chain = cache.get("chain") if cache is not None else None
     if chain is None:
-        chain = factored_stages(factors, g2, out_scale, dtype)
+        chain = factored_stages(factors, g2, output_scale(scale, row_mask, factors), dtype)
         if cache is not None:
             cache["chain"] = chain
     stages, weights = chain
@@ -964,6 +961,11 @@ def _delta_forward_nograd(
         h = stage.forward(h, w)
     h = h.squeeze(0) if unbatched else h
     return base_out.add_(h) if inplace else base_out + h
+
+
+def _keeps_delta(cache: dict | None, geom: Geometry) -> bool:
+    """Whether the inference cache may keep this layer's ΔW (as large as the base weight)."""
+    return cache is not None and geom.out_features * geom.flat_in <= EVAL_CACHE_MAX_DELTA_NUMEL
 
 
 def _prepad(x: torch.Tensor, geom: Geometry) -> tuple[torch.Tensor, Geometry]:

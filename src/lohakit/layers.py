@@ -28,6 +28,10 @@ ADAPTER_PARAM_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada
 _OPTIMIZER_STEPS = [0]
 
 
+#: torch's registry of global forward hooks (the dict object itself; it is mutated, never rebound).
+_GLOBAL_FORWARD_HOOKS = nn.modules.module._global_forward_hooks
+
+
 def _count_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
     _OPTIMIZER_STEPS[0] += 1
 
@@ -183,13 +187,16 @@ class LoHaLayer(nn.Module):
 
     def factors(self, adapter_name: str) -> HadaFactors:
         """The adapter's factor tensors as a :class:`~lohakit.functional.HadaFactors`."""
+        # Read the ParameterDicts' own tables: this runs on every forward call, and going through
+        # nn.Module.__getattr__ and ParameterDict.__getitem__ six times costs more than a 1-token GEMV.
+        mods = self._modules
         return HadaFactors(
-            self.hada_w1_a[adapter_name],
-            self.hada_w1_b[adapter_name],
-            self.hada_w2_a[adapter_name],
-            self.hada_w2_b[adapter_name],
-            self.hada_t1[adapter_name] if adapter_name in self.hada_t1 else None,
-            self.hada_t2[adapter_name] if adapter_name in self.hada_t2 else None,
+            mods["hada_w1_a"]._parameters[adapter_name],
+            mods["hada_w1_b"]._parameters[adapter_name],
+            mods["hada_w2_a"]._parameters[adapter_name],
+            mods["hada_w2_b"]._parameters[adapter_name],
+            mods["hada_t1"]._parameters.get(adapter_name),
+            mods["hada_t2"]._parameters.get(adapter_name),
         )
 
     def is_tucker(self, adapter_name: str) -> bool:
@@ -354,32 +361,35 @@ class LoHaLayer(nn.Module):
                 weight.data.sub_(self.get_delta_weight(name).to(weight.dtype))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self._disable_adapters and self.merged:
+        base = self._modules["base_layer"]
+        if self._disable_adapters and self.merged_adapters:
             self.unmerge()
-        if self._disable_adapters or self.merged:
-            return self.base_layer(x, *args, **kwargs)
+        if self._disable_adapters or self.merged_adapters:
+            return base(x, *args, **kwargs)
         # (adapter, rank-dropout mask) for each active adapter that module dropout keeps this call
         running: list[tuple[str, torch.Tensor | None]] = []
+        loaded = self._modules["hada_w1_a"]._parameters
         for name in self._active_adapter:
-            if name not in self.hada_w1_a:
-                continue
-            if self.training and self.module_dropout[name] > 0 and torch.rand(1).item() <= self.module_dropout[name]:
+            if name not in loaded:
                 continue
             mask = None
-            if self.training and self.rank_dropout[name] > 0:
-                mask = Fn.rank_dropout_mask(
-                    self.geometry.out_features, self.rank_dropout[name], self.rank_dropout_scale[name], x.device
-                )
+            if self.training:
+                if self.module_dropout[name] > 0 and torch.rand(1).item() <= self.module_dropout[name]:
+                    continue
+                if self.rank_dropout[name] > 0:
+                    mask = Fn.rank_dropout_mask(
+                        self.geometry.out_features, self.rank_dropout[name], self.rank_dropout_scale[name], x.device
+                    )
             running.append((name, mask))
-        if len(running) == 1 and not args and not kwargs:
+        if len(running) == 1 and not args and not kwargs and torch.is_grad_enabled():
             fused = self._fused_linear_forward(x, *running[0])  # training a plain nn.Linear: one autograd node
             if fused is not None:
                 return fused
-        result = self.base_layer(x, *args, **kwargs)
+        result = base(x, *args, **kwargs)
         previous_dtype = result.dtype
         # The base output is ours to accumulate into, unless a forward hook on the base layer (or
         # a global one, nn.modules.module.register_module_forward_hook) may have kept a reference to it.
-        owns_result = not self.base_layer._forward_hooks and not nn.modules.module._global_forward_hooks
+        owns_result = not base._forward_hooks and not _GLOBAL_FORWARD_HOOKS
         for name, mask in running:
             factors = self.factors(name)
             self._check_loaded(name, factors, result)
@@ -393,7 +403,7 @@ class LoHaLayer(nn.Module):
                 cache=cache, inplace=owns_result,
             )
             owns_result = True
-        return result.to(previous_dtype)
+        return result if result.dtype == previous_dtype else result.to(previous_dtype)
 
     def _check_loaded(self, name: str, factors: HadaFactors, target: torch.Tensor) -> None:
         """Refuse to compute with factors still on the meta device (low_cpu_mem_usage, not loaded)."""
