@@ -52,9 +52,9 @@ SHAPES = [(37, 130), (130, 37), (1, 70)]  # (N, M), never multiples of the block
 SCALES = ["none", "float", "tensor"]
 # each (ranks, scale) pair gets one shape and one layout, cycling, so all of them meet every dtype
 CASES = [
-    pytest.param(r, sc, SHAPES[k % len(SHAPES)], k % 2 == 1, id=f"r{r[0]}x{r[1]}-{sc}-N{SHAPES[k % 3][0]}M{SHAPES[k % 3][1]}"
-                 + ("-strided" if k % 2 else ""))
+    pytest.param(r, sc, (n, m), k % 2 == 1, id=f"r{r[0]}x{r[1]}-{sc}-N{n}M{m}" + ("-strided" if k % 2 else ""))
     for k, (r, sc) in enumerate(itertools.product(RANKS, SCALES))
+    for n, m in [SHAPES[k % len(SHAPES)]]
 ]
 
 
@@ -220,6 +220,27 @@ def test_q_is_cast_to_bf16_before_the_product(scale):
     assert torch.equal(kernels.kr_expand(h, a1, a2, scale), h @ _q(a1, a2, scale).to(bf))
 
 
+@pytest.mark.parametrize("scale_kind", SCALES)
+def test_16bit_factors(scale_kind):
+    """bfloat16 factors with float16 activations: Q's products and scale round to bfloat16 as torch's do."""
+    n, m, r1, r2 = 37, 70, 3, 5
+    x = torch.randn(n, m, dtype=torch.float16, device=DEVICE)
+    b1, b2 = _factors(r1, r2, m, torch.bfloat16, strided=True)
+    scale = _scale(scale_kind, m, torch.bfloat16, strided=False)
+    q = _q(b1, b2, scale).to(torch.float16)  # (R, M): bfloat16 products, then the cast
+    _assert_close(kernels.kr_project(x, b1, b2, scale), x.double() @ q.double().T, TOL[torch.float16])
+    h = torch.randn(n, r1 * r2, dtype=torch.float16, device=DEVICE)
+    _assert_close(kernels.kr_expand(h, b1, b2, scale), h.double() @ q.double(), TOL[torch.float16])
+    g1, g2 = kernels.kr_project_grad(h, x, b1, b2, scale)
+    assert g1.dtype == g2.dtype == torch.bfloat16
+    dq = h.double().T @ x.double()  # (R, M)
+    if scale is not None:
+        dq = dq * (scale.double() if torch.is_tensor(scale) else scale)
+    dq3 = dq.view(r1, r2, m)
+    _assert_close(g1, (dq3 * b2.double()[None]).sum(1), TOL[torch.bfloat16])  # one rounding to bfloat16
+    _assert_close(g2, (dq3 * b1.double()[:, None]).sum(0), TOL[torch.bfloat16])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_composes_to_factored_linear(dtype):
     """The five kernel calls of a LoHa linear forward/backward reproduce FactoredLinear."""
@@ -256,7 +277,8 @@ def test_composes_to_factored_linear(dtype):
 # --------------------------------------------------------------------------------------------
 def _args(n=4, m=6, r1=2, r2=3):
     x = torch.randn(n, m, device=DEVICE)
-    return x, torch.randn(r1, m, device=DEVICE), torch.randn(r2, m, device=DEVICE), torch.randn(n, r1 * r2, device=DEVICE)
+    b1, b2 = torch.randn(r1, m, device=DEVICE), torch.randn(r2, m, device=DEVICE)
+    return x, b1, b2, torch.randn(n, r1 * r2, device=DEVICE)
 
 
 @pytest.mark.parametrize(

@@ -33,11 +33,16 @@ and decorates the kernels) is loaded the first time a kernel is called.
   are opt-in until a real GPU has timed them against the torch path.
 
 ``TRITON_INTERPRET`` must be set before the first kernel call of the process (``@triton.jit``
-reads it when the kernels are decorated); later changes have no effect on the loaded kernels.
+reads it when the kernels are decorated, at that call); later changes do not affect the loaded
+kernels. The kernels avoid Triton's own standard-library jit helpers, so an earlier
+``import triton`` (by torch.compile, say) without the flag does not matter.
 
-Limits: activation dtypes float32, bfloat16, float16, float64; any ``r1 ≥ 1`` and
-``1 ≤ r2 ≤ 128``; any N and M; factor arguments may have any strides (transposed views).
-The kernels do not record autograd history: call them from a custom ``autograd.Function``.
+Limits: activation dtypes float32, bfloat16, float16, float64 (float32 follows
+``torch.backends.cuda.matmul.allow_tf32``: TF32 only where torch would use it); factors of one
+floating dtype; any ``r1 ≥ 1`` and ``1 ≤ r2 ≤ 128`` (float64 with r2 > 64 needs an
+A100/H100-class GPU's shared memory); any N and M; every tensor argument may have any strides
+(transposed views). The kernels do not record autograd history: call them from a custom
+``autograd.Function``. Fixed block sizes, not yet timed on a GPU.
 """
 
 from __future__ import annotations

@@ -24,6 +24,14 @@ columns of ``j`` (a tile of ``RB = BI·R2P`` padded rank slots, masked), so any 
 ``r2`` is limited to :data:`MAX_R2`. Every ``tl.dot`` dimension is a power of two ≥ 16 (real
 GPUs require it; the interpreter does not check). Block sizes are fixed constants below, not
 autotuned (autotune under the interpreter is very slow, and no GPU has timed these yet).
+Shared memory per block, compiled for sm_90 at r2 = 128: ≤ 66 KB for float32, ≤ 33 KB for
+bfloat16, 132 KB for float64 (too much for sm_86/sm_89, fine on A100/H100-class GPUs).
+
+Interpreter workarounds (Triton 3.9, all behind the ``INTERP`` constexpr, compiled code is
+unaffected): its ``tl.dot`` multiplies bfloat16 bit patterns (triton-lang/triton#11584), its
+float32 -> bfloat16 cast truncates, and its elementwise bfloat16 ops act on the bits; so under
+the interpreter bfloat16 dot operands are widened to float32 (exact), casts to bfloat16 round
+to nearest even on the bits, and 16-bit factor products are formed in float32.
 """
 
 from __future__ import annotations
