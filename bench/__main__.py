@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep the other suites' rows from the existing RESULTS.json (re-run only some suites)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.pop("LOHAKIT_TRITON", None)  # the lohakit_triton variant switches the kernels on itself
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # memory-suite subprocesses

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from .timing import interleaved_medians
-from .variants import ALL_VARIANTS, WithScalar, build_variant
+from .variants import WithScalar, available_variants, build_variant, with_kernels
 
 
 class FwdBwd:
@@ -28,12 +28,12 @@ def _bench(base: nn.Module, x: torch.Tensor, case: str, suite: str, r: int, effe
     with torch.no_grad():
         y = base(x)
     grad = torch.randn_like(y)
-    fns = {v: FwdBwd(build_variant(v, base, ["0"], r, effective=effective), x, grad) for v in variants}
+    fns = {v: with_kernels(v, FwdBwd(build_variant(v, base, ["0"], r, effective=effective), x, grad)) for v in variants}
     med = interleaved_medians(fns, reps=reps, warmup=2, device=device)
     return [{"suite": suite, "case": case, "variant": v, "ms": med[v], "ratio": med[v] / med["floor"]} for v in variants]
 
 
-def run_linear(quick: bool, device: str, variants: tuple[str, ...] = ALL_VARIANTS, reps: int | None = None,
+def run_linear(quick: bool, device: str, variants: tuple[str, ...] | None = None, reps: int | None = None,
                r: int = 8) -> list[dict]:
     """One ``d × d`` Linear, N tokens, fwd+bwd. GPU: d ∈ {1024, 4096}, N ∈ {1k, 8k}, bf16; CPU smaller, fp32."""
     if device == "cuda":
@@ -41,6 +41,7 @@ def run_linear(quick: bool, device: str, variants: tuple[str, ...] = ALL_VARIANT
     else:
         sizes, dtype = ([(1024, 512)] if quick else [(1024, 512), (1024, 2048), (2048, 1024)]), torch.float32
     reps = reps or (10 if quick else 20)
+    variants = variants or available_variants(device)
     rows = []
     for d, n in sizes:
         torch.manual_seed(0)
@@ -50,7 +51,7 @@ def run_linear(quick: bool, device: str, variants: tuple[str, ...] = ALL_VARIANT
     return rows
 
 
-def run_conv(quick: bool, device: str, variants: tuple[str, ...] = ALL_VARIANTS, reps: int | None = None,
+def run_conv(quick: bool, device: str, variants: tuple[str, ...] | None = None, reps: int | None = None,
              r: int = 8) -> list[dict]:
     """SD-UNet 3x3 conv (C → C), batch 2, flat and effective (Tucker) forms, fwd+bwd."""
     if device == "cuda":
@@ -58,6 +59,7 @@ def run_conv(quick: bool, device: str, variants: tuple[str, ...] = ALL_VARIANTS,
     else:
         sizes, dtype = [(320, 32)], torch.float32
     reps = reps or (6 if quick else 12)
+    variants = variants or available_variants(device)
     rows = []
     for c, hw in sizes:
         torch.manual_seed(0)

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from .timing import interleaved_medians
-from .variants import ALL_VARIANTS, build_variant, trainable
+from .variants import available_variants, build_variant, trainable, with_kernels
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -74,16 +74,17 @@ class LlamaStep:
         self.opt.zero_grad(set_to_none=True)
 
 
-def run(quick: bool, device: str, ranks: tuple[int, ...] | None = None, variants: tuple[str, ...] = ALL_VARIANTS,
+def run(quick: bool, device: str, ranks: tuple[int, ...] | None = None, variants: tuple[str, ...] | None = None,
         reps: int | None = None) -> list[dict]:
     """Median step time per (rank, variant); returns table rows."""
     shape = GPU_SHAPE if device == "cuda" else CPU_SHAPE
     ranks = ranks or ((8,) if quick else (4, 8, 16, 32))
     reps = reps or (5 if quick else 10)
+    variants = variants or available_variants(device)
     base = make_llama(shape, device)
     rows = []
     for r in ranks:
-        steps = {v: LlamaStep(build_variant(v, base, TARGETS, r), shape, device) for v in variants}
+        steps = {v: with_kernels(v, LlamaStep(build_variant(v, base, TARGETS, r), shape, device)) for v in variants}
         med = interleaved_medians(steps, reps=reps, warmup=2, device=device)
         for v in variants:
             rows.append({"suite": "llama", "case": f"r={r}", "variant": v, "ms": med[v], "ratio": med[v] / med["floor"]})

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .llama import CPU_SHAPE, GPU_SHAPE, TARGETS, LlamaShape, LlamaStep, make_llama
-from .variants import ALL_VARIANTS, build_variant
+from .variants import ALL_VARIANTS, TRITON_VARIANTS, available_variants, build_variant
 
 MEMORY_VARIANTS = tuple(v for v in ALL_VARIANTS if v != "lohakit_mat")
 
@@ -71,12 +71,16 @@ def worker(variant: str, r: int, device: str, steps: int) -> dict:
     return {"variant": variant, "before_mb": before, "peak_mb": peak}
 
 
-def run_peak(quick: bool, device: str, r: int = 8, variants: tuple[str, ...] = MEMORY_VARIANTS) -> list[dict]:
+def run_peak(quick: bool, device: str, r: int = 8, variants: tuple[str, ...] | None = None) -> list[dict]:
     steps = 2 if quick else 4
+    variants = variants or available_variants(device, MEMORY_VARIANTS)
     rows = []
     for v in variants:
         cmd = [sys.executable, "-m", "bench.memory", v, str(r), device, str(steps)]
         env = dict(os.environ, HF_HUB_OFFLINE="1")
+        env.pop("LOHAKIT_TRITON", None)
+        if v in TRITON_VARIANTS:
+            env["LOHAKIT_TRITON"] = "1"
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         if proc.returncode != 0:

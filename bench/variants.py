@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
+import os
 from typing import Callable
 
 import torch
@@ -19,9 +21,53 @@ ALL_VARIANTS = (
     "lohakit",
     "lohakit_factored",
     "lohakit_mat",
+    "lohakit_triton",
 )
 
-LOHAKIT_PATHS = {"lohakit": "auto", "lohakit_factored": "factored", "lohakit_mat": "materialised"}
+LOHAKIT_PATHS = {
+    "lohakit": "auto", "lohakit_factored": "factored", "lohakit_mat": "materialised", "lohakit_triton": "auto",
+}
+
+#: Variants whose calls run with ``LOHAKIT_TRITON=1`` (the opt-in Triton kernels of lohakit.kernels).
+TRITON_VARIANTS = frozenset({"lohakit_triton"})
+
+#: The package each competitor needs (a variant whose package is missing is left out, with a note).
+_NEEDS = {"peft_lora": "peft", "peft_loha": "peft", "lycoris_loha": "lycoris", "lycoris_bypass": "lycoris"}
+
+
+def available_variants(device: str, wanted: tuple[str, ...] = ALL_VARIANTS) -> tuple[str, ...]:
+    """``wanted`` less the variants this machine cannot run (package missing; Triton off CUDA)."""
+    from lohakit import kernels
+
+    out = []
+    for v in wanted:
+        pkg = _NEEDS.get(v)
+        if pkg is not None and importlib.util.find_spec(pkg) is None:
+            logging.getLogger("bench").warning("variant %s skipped: %s is not installed", v, pkg)
+            continue
+        if v in TRITON_VARIANTS and not kernels.triton_available(device):
+            continue  # no GPU (or no triton): nothing to time
+        out.append(v)
+    return tuple(out)
+
+
+def with_kernels(variant: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with the Triton kernels switched on for :data:`TRITON_VARIANTS` (``fn`` itself otherwise).
+
+    ``python -m bench`` removes ``LOHAKIT_TRITON`` from its environment at start, so every other
+    variant runs the torch path.
+    """
+    if variant not in TRITON_VARIANTS:
+        return fn
+
+    def call() -> object:
+        os.environ["LOHAKIT_TRITON"] = "1"
+        try:
+            return fn()
+        finally:
+            os.environ.pop("LOHAKIT_TRITON", None)
+
+    return call
 
 
 def _matches(name: str, targets: list[str]) -> bool:

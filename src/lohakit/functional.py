@@ -30,6 +30,8 @@ from typing import Literal, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+
 __all__ = [
     "Geometry",
     "HadaFactors",
@@ -449,13 +451,20 @@ class FactoredLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, base, w1a, w1b, w2a, w2b, out_scale):  # type: ignore[override]
-        q, p = linear_qp(HadaFactors(w1a, w1b, w2a, w2b), out_scale, x.dtype)  # (R, in), (out, R)
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        h = x2 @ q.T  # (N, R)
-        if base is None:
-            out = (h @ p.T).reshape(*x.shape[:-1], p.shape[0])  # (..., out)
+        ctx.triton = kernels.triton_enabled(x)
+        if ctx.triton:  # P and Q built tile by tile inside the GEMMs, never in memory
+            h = kernels.kr_project(x2, w1b, w2b)  # (N, R)
+            acc = None if base is None else base.reshape(-1, base.shape[-1]).clone()  # (N, out)
+            out = kernels.kr_expand(h, w1a.T, w2a.T, scale=out_scale, out=acc)  # (N, out)
+            out = out.reshape(*x.shape[:-1], out.shape[-1])  # (..., out)
         else:
-            out = torch.addmm(base.reshape(-1, base.shape[-1]), h, p.T).reshape(base.shape)  # (..., out)
+            q, p = linear_qp(HadaFactors(w1a, w1b, w2a, w2b), out_scale, x.dtype)  # (R, in), (out, R)
+            h = x2 @ q.T  # (N, R)
+            if base is None:
+                out = (h @ p.T).reshape(*x.shape[:-1], p.shape[0])  # (..., out)
+            else:
+                out = torch.addmm(base.reshape(-1, base.shape[-1]), h, p.T).reshape(base.shape)  # (..., out)
         ctx.has_base = base is not None
         ctx.scalar_scale = None if torch.is_tensor(out_scale) else out_scale
         scale_t = out_scale if torch.is_tensor(out_scale) else None
@@ -469,7 +478,7 @@ class FactoredLinear(torch.autograd.Function):
         out_scale = ctx.scalar_scale if scale_t is None else scale_t
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
         dx, g_w1a, g_w1b, g_w2a, g_w2b = _factored_linear_backward(
-            g2, x, h, (w1a, w1b, w2a, w2b), _as_rows(out_scale), need[0], need[2:6]
+            g2, x, h, (w1a, w1b, w2a, w2b), out_scale, need[0], need[2:6], triton=ctx.triton
         )
         g_x = dx.reshape(x.shape) if dx is not None else None  # (..., in)
         g_base = g if ctx.has_base and need[1] else None
@@ -485,6 +494,7 @@ def _factored_linear_backward(
     need_x: bool,
     need_factors: Sequence[bool],
     dx_into: torch.Tensor | None = None,
+    triton: bool = False,
 ) -> tuple[torch.Tensor | None, ...]:
     """The backward shared by :class:`FactoredLinear` and :class:`FactoredLinearFused`.
 
@@ -492,15 +502,20 @@ def _factored_linear_backward(
         g2: dL/dy flattened, ``(N, out)``.
         x: The saved input ``(..., in)``; h = x Qᵀ ``(N, R)``.
         factors: (w1a, w1b, w2a, w2b) in PEFT's flat layout.
-        rows: The per-row output scale S (s, or s · rank-dropout mask as ``(out, 1)``).
+        rows: The output scale S: s, or s · rank-dropout mask ``(out,)``.
         need_x: Whether to compute the adapter's share of dL/dx, ``dh Q``.
         need_factors: Which of (w1a, w1b, w2a, w2b) need a gradient.
         dx_into: When given, ``dh Q`` is accumulated into it in place (``(N, in)``).
+        triton: Use the Khatri-Rao-fused kernels of :mod:`lohakit.kernels` (same quantities,
+            P, Q and dQ never in memory).
 
     Returns:
         ``(dx, g_w1a, g_w1b, g_w2a, g_w2b)``; dx is ``(N, in)`` (``dx_into`` when given).
     """
     w1a, w1b, w2a, w2b = factors
+    if triton:
+        return _factored_linear_backward_kernels(g2, x, h, factors, rows, need_x, need_factors, dx_into)
+    rows = _as_rows(rows)
     dtype = x.dtype
     r1, r2 = w1b.shape[0], w2b.shape[0]
     dx = g_w1a = g_w1b = g_w2a = g_w2b = None
@@ -526,6 +541,36 @@ def _factored_linear_backward(
     return dx, g_w1a, g_w1b, g_w2a, g_w2b
 
 
+def _factored_linear_backward_kernels(
+    g2: torch.Tensor,
+    x: torch.Tensor,
+    h: torch.Tensor,
+    factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    rows: torch.Tensor | float,
+    need_x: bool,
+    need_factors: Sequence[bool],
+    dx_into: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, ...]:
+    """:func:`_factored_linear_backward` through the Triton kernels (same arguments and results).
+
+    With Pᵀ's Khatri-Rao structure over the output axis: ``dh = G P = kr_project(G, A1ᵀ, A2ᵀ, S)``
+    and the A-gradients are the B-gradients of that projection with the roles of (G, h) swapped.
+    """
+    w1a, w1b, w2a, w2b = factors
+    dx = g_w1a = g_w1b = g_w2a = g_w2b = None
+    if need_factors[0] or need_factors[2]:
+        g1t, g2t = kernels.kr_project_grad(h, g2, w1a.T, w2a.T, scale=rows)  # (r1, out), (r2, out)
+        g_w1a, g_w2a = (g1t.T if need_factors[0] else None), (g2t.T if need_factors[2] else None)
+    if need_x or need_factors[1] or need_factors[3]:
+        dh = kernels.kr_project(g2, w1a.T, w2a.T, scale=rows)  # (N, R)
+        if need_x:
+            dx = kernels.kr_expand(dh, w1b, w2b, out=dx_into)  # (N, in)
+        if need_factors[1] or need_factors[3]:
+            gb1, gb2 = kernels.kr_project_grad(dh, x.reshape(-1, x.shape[-1]), w1b, w2b)  # (r1, in), (r2, in)
+            g_w1b, g_w2b = (gb1 if need_factors[1] else None), (gb2 if need_factors[3] else None)
+    return dx, g_w1a, g_w1b, g_w2a, g_w2b
+
+
 class FactoredLinearFused(torch.autograd.Function):
     """A frozen ``nn.Linear`` and one LoHa adapter in one node: ``y = x Wᵀ + b + (x Qᵀ) Pᵀ``.
 
@@ -538,11 +583,16 @@ class FactoredLinearFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, w1a, w1b, w2a, w2b, out_scale):  # type: ignore[override]
-        q, p = linear_qp(HadaFactors(w1a, w1b, w2a, w2b), out_scale, x.dtype)  # (R, in), (out, R)
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         out = F.linear(x2, weight, bias)  # (N, out), freshly allocated
-        h = x2 @ q.T  # (N, R)
-        out.addmm_(h, p.T)  # (N, out), in place
+        ctx.triton = kernels.triton_enabled(x)
+        if ctx.triton:
+            h = kernels.kr_project(x2, w1b, w2b)  # (N, R)
+            kernels.kr_expand(h, w1a.T, w2a.T, scale=out_scale, out=out)  # (N, out), in place
+        else:
+            q, p = linear_qp(HadaFactors(w1a, w1b, w2a, w2b), out_scale, x.dtype)  # (R, in), (out, R)
+            h = x2 @ q.T  # (N, R)
+            out.addmm_(h, p.T)  # (N, out), in place
         ctx.scalar_scale = None if torch.is_tensor(out_scale) else out_scale
         scale_t = out_scale if torch.is_tensor(out_scale) else None
         ctx.save_for_backward(x, h, weight, w1a, w1b, w2a, w2b, scale_t)
@@ -556,8 +606,8 @@ class FactoredLinearFused(torch.autograd.Function):
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
         base_dx = g2 @ weight if need[0] else None  # (N, in): G W
         dx, g_w1a, g_w1b, g_w2a, g_w2b = _factored_linear_backward(
-            g2, x, h, (w1a, w1b, w2a, w2b), _as_rows(out_scale), need[0], (need[3], need[4], need[5], need[6]),
-            dx_into=base_dx,
+            g2, x, h, (w1a, w1b, w2a, w2b), out_scale, need[0], (need[3], need[4], need[5], need[6]),
+            dx_into=base_dx, triton=ctx.triton,
         )
         g_x = dx.view(x.shape) if dx is not None else None  # (..., in): G W + dh Q
         return g_x, None, None, g_w1a, g_w1b, g_w2a, g_w2b, None

@@ -47,6 +47,7 @@ A100/H100-class GPU's shared memory); any N and M; every tensor argument may hav
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import TYPE_CHECKING
@@ -62,6 +63,7 @@ _ENABLE_ENV = "LOHAKIT_TRITON"
 _INTERPRET_ENV = "TRITON_INTERPRET"
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_importable() -> bool:
     """Whether triton is installed, found without importing it."""
     try:
