@@ -1,8 +1,9 @@
-"""Interleaved timing: every repetition runs each variant once, in a rotating order."""
+"""Interleaved timing: every repetition runs each variant once, in a random order."""
 
 from __future__ import annotations
 
 import gc
+import random
 import statistics
 import time
 from typing import Callable
@@ -31,6 +32,7 @@ def interleaved_medians(
         name -> median milliseconds.
     """
     names = list(fns)
+    rng = random.Random(0)
     for _ in range(warmup):
         for n in names:
             fns[n]()
@@ -39,9 +41,11 @@ def interleaved_medians(
     gc_was = gc.isenabled()
     gc.disable()
     try:
-        for i in range(reps):
-            k = i % len(names)
-            for n in names[k:] + names[:k]:  # rotate the order so no variant is always first
+        for _ in range(reps):
+            # a fresh random order each repetition: a rotation would keep every variant behind the
+            # same neighbour, and for memory-bound calls what ran just before (its data in the
+            # caches, or evicting ours) shifts the time by several percent
+            for n in rng.sample(names, len(names)):
                 sync(device)
                 t0 = time.perf_counter()
                 fns[n]()

@@ -459,12 +459,12 @@ class FactoredLinear(torch.autograd.Function):
             out = kernels.kr_expand(h, w1a.T, w2a.T, scale=out_scale, out=acc)  # (N, out)
             out = out.reshape(*x.shape[:-1], out.shape[-1])  # (..., out)
         else:
-            q, p = linear_qp(HadaFactors(w1a, w1b, w2a, w2b), out_scale, x.dtype)  # (R, in), (out, R)
+            q, p_t = linear_qp(HadaFactors(w1a, w1b, w2a, w2b), out_scale, x.dtype)  # (R, in), (R, out)
             h = x2 @ q.T  # (N, R)
             if base is None:
-                out = (h @ p.T).reshape(*x.shape[:-1], p.shape[0])  # (..., out)
+                out = (h @ p_t).reshape(*x.shape[:-1], p_t.shape[1])  # (..., out)
             else:
-                out = torch.addmm(base.reshape(-1, base.shape[-1]), h, p.T).reshape(base.shape)  # (..., out)
+                out = torch.addmm(base.reshape(-1, base.shape[-1]), h, p_t).reshape(base.shape)  # (..., out)
         ctx.has_base = base is not None
         ctx.scalar_scale = None if torch.is_tensor(out_scale) else out_scale
         scale_t = out_scale if torch.is_tensor(out_scale) else None
@@ -515,20 +515,23 @@ def _factored_linear_backward(
     w1a, w1b, w2a, w2b = factors
     if triton:
         return _factored_linear_backward_kernels(g2, x, h, factors, rows, need_x, need_factors, dx_into)
-    rows = _as_rows(rows)
     dtype = x.dtype
     r1, r2 = w1b.shape[0], w2b.shape[0]
     dx = g_w1a = g_w1b = g_w2a = g_w2b = None
+    a1s_t = _scale_rows(w1a, rows).T.contiguous()  # (r1, out): (S·w1a)ᵀ
+    a2_t = w2a.T.contiguous()  # (r2, out)
     if need_factors[0] or need_factors[2]:
-        dkr = ((g2.T @ h).to(w1a.dtype) * rows).view(-1, r1, r2)  # dP scaled back onto the KR rows: (out, r1, r2)
-        # mul + sum rather than ``out`` batched r×r matvecs (bmm), about 5x faster on CPU
+        # dPᵀ = hᵀ G, contracted along j (or i) with the other factor; in this transposed layout
+        # the mul + sum runs along the long out axis (about 2x faster on CPU than along r-wide
+        # rows, and than ``out`` batched r×r matvecs)
+        dpt = (h.T @ g2).to(w1a.dtype).view(r1, r2, -1)  # (r1, r2, out)
         if need_factors[0]:
-            g_w1a = (dkr * w2a.unsqueeze(1)).sum(2)  # (out, r1)
+            g_w1a = _scale_rows((dpt * a2_t.unsqueeze(0)).sum(1).T, rows).contiguous()  # (out, r1)
         if need_factors[2]:
-            g_w2a = (dkr * w1a.unsqueeze(2)).sum(1)  # (out, r2)
+            g_w2a = (dpt * a1s_t.unsqueeze(1)).sum(0).T.contiguous()  # (out, r2)
     if need_x or need_factors[1] or need_factors[3]:
-        p = (khatri_rao_rows(w1a, w2a) * rows).to(dtype)  # (out, R)
-        dh = g2 @ p  # (N, R)
+        p_t = khatri_rao_cols(a1s_t, a2_t).to(dtype)  # (R, out): Pᵀ, as linear_qp builds it
+        dh = g2 @ p_t.T  # (N, R)
         if need_x:
             q = khatri_rao_cols(w1b, w2b).to(dtype)  # (R, in)
             dx = dx_into.addmm_(dh, q) if dx_into is not None else dh @ q  # (N, in)
@@ -590,9 +593,9 @@ class FactoredLinearFused(torch.autograd.Function):
             h = kernels.kr_project(x2, w1b, w2b)  # (N, R)
             kernels.kr_expand(h, w1a.T, w2a.T, scale=out_scale, out=out)  # (N, out), in place
         else:
-            q, p = linear_qp(HadaFactors(w1a, w1b, w2a, w2b), out_scale, x.dtype)  # (R, in), (out, R)
+            q, p_t = linear_qp(HadaFactors(w1a, w1b, w2a, w2b), out_scale, x.dtype)  # (R, in), (R, out)
             h = x2 @ q.T  # (N, R)
-            out.addmm_(h, p.T)  # (N, out), in place
+            out.addmm_(h, p_t)  # (N, out), in place
         ctx.scalar_scale = None if torch.is_tensor(out_scale) else out_scale
         scale_t = out_scale if torch.is_tensor(out_scale) else None
         ctx.save_for_backward(x, h, weight, w1a, w1b, w2a, w2b, scale_t)
@@ -648,15 +651,23 @@ def _as_rows(out_scale: torch.Tensor | float) -> torch.Tensor | float:
 def linear_qp(
     factors: HadaFactors, out_scale: torch.Tensor | float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q = w1b ⊙_col w2b ``(R, in)`` and P = S ⊙_rows (w1a ⊙_row w2a) ``(out, R)``, cast to ``dtype``.
+    """Q = w1b ⊙_col w2b ``(R, in)`` and Pᵀ = (S·w1a)ᵀ ⊙_col w2aᵀ ``(R, out)``, cast to ``dtype``.
 
-    S is the output scale (s, or s · rank-dropout mask ``(out,)``); only these small matrices
-    are cast to the compute dtype, never the activations.
+    S is the output scale (s, or s · rank-dropout mask ``(out,)``), folded into the r-wide w1a
+    (out·r multiplies instead of out·R). P is built transposed: the Khatri-Rao product then
+    runs along the long ``out`` axis (about 1.5x faster on CPU than along r-wide rows), and
+    ``(R, out)`` is the layout ``y += h Pᵀ`` reads directly. Only these small matrices are cast
+    to the compute dtype, never the activations.
     """
     f = factors
     q = khatri_rao_cols(f.w1b, f.w2b).to(dtype)  # (R, in)
-    p = (khatri_rao_rows(f.w1a, f.w2a) * _as_rows(out_scale)).to(dtype)  # (out, R)
-    return q, p
+    p_t = khatri_rao_cols(_scale_rows(f.w1a, out_scale).T.contiguous(), f.w2a.T.contiguous()).to(dtype)  # (R, out)
+    return q, p_t
+
+
+def _scale_rows(w: torch.Tensor, out_scale: torch.Tensor | float) -> torch.Tensor:
+    """``w`` ``(out, r)`` with row o multiplied by S[o] (S a scalar or an ``(out,)`` vector)."""
+    return w * _as_rows(out_scale)
 
 
 def output_scale(scale: float, row_mask: torch.Tensor | None, factors: HadaFactors) -> torch.Tensor | float:
@@ -706,7 +717,8 @@ def factored_stages(
     out, g, d = geom.out_features, geom.groups, geom.ndim
     ones = (1,) * d
     if not f.tucker:
-        q, p = linear_qp(f, out_scale, dtype)  # (R, in/g·K), (out, R)
+        q, p_t = linear_qp(f, out_scale, dtype)  # (R, in/g·K), (R, out)
+        p = p_t.T.contiguous()  # (out, R)
         R = q.shape[0]
         if d == 0:
             return [Stage(), Stage()], [q, p]
@@ -992,10 +1004,10 @@ def _delta_forward_nograd(
     if geom.ndim == 0 and not factors.tucker:
         qp = cache.get("linear") if cache is not None else None
         if qp is None:
-            q, p = linear_qp(factors, output_scale(scale, row_mask, factors), dtype)  # (R, in), (out, R)
-            qp = (q.T, p.T)  # views; the cache keeps contiguous copies
+            q, p_t = linear_qp(factors, output_scale(scale, row_mask, factors), dtype)  # (R, in), (R, out)
+            qp = (q.T, p_t)  # the cache keeps Qᵀ as a contiguous copy
             if cache is not None:
-                qp = (qp[0].contiguous(), qp[1].contiguous())
+                qp = (qp[0].contiguous(), p_t)
                 cache["linear"] = qp
         return factored_linear_nograd(x, base_out, qp[0], qp[1], inplace)
     xp, g2 = _prepad(x, geom)
