@@ -42,4 +42,4 @@ echo "tests exit status: $?" >> "$OUT/tests.txt"
 timeout 330 "$PY" -m bench linear llama memory --quick --out "$OUT/RESULTS_GPU.md" \
     --note "scripts/gpu_check.sh on a lent GPU machine" > "$OUT/bench.txt" 2>&1
 echo "bench exit status: $?" >> "$OUT/bench.txt"
-tail -5 "$OUT/tests.txt" "$OUT/bench.txt"
+tail -n 5 "$OUT/tests.txt" "$OUT/bench.txt"
