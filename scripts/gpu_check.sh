@@ -3,7 +3,7 @@
 #
 #   here, first:  bash scripts/gpu_check.sh --prepare
 #                 (downloads the pure-Python wheels the GPU image lacks into .gpu_wheels/, ignored by git)
-#   on the GPU:   run(command="bash scripts/gpu_check.sh", carry=[".gpu_wheels"], timeout_s=560)
+#   on the GPU:   run(command="bash scripts/gpu_check.sh", carry=[".gpu_wheels"], timeout_s=580)
 #
 # About 8 minutes, each step under its own timeout so a hang still leaves the other outputs:
 #   env.txt      nvidia-smi, torch / triton versions
@@ -35,11 +35,11 @@ fi
     "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 } > "$OUT/env.txt" 2>&1
 
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_triton_path.py \
+timeout 140 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_triton_path.py \
     tests/test_functional.py > "$OUT/tests.txt" 2>&1
 echo "tests exit status: $?" >> "$OUT/tests.txt"
 
-timeout 330 "$PY" -m bench linear llama memory --quick --out "$OUT/RESULTS_GPU.md" \
+timeout 380 "$PY" -m bench linear llama memory --quick --out "$OUT/RESULTS_GPU.md" \
     --note "scripts/gpu_check.sh on a lent GPU machine" > "$OUT/bench.txt" 2>&1
 echo "bench exit status: $?" >> "$OUT/bench.txt"
 tail -n 5 "$OUT/tests.txt" "$OUT/bench.txt"
