@@ -131,6 +131,106 @@ def test_layer_fused_path_matches_general_path() -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# FactoredConvFused: a frozen ConvNd and one adapter, dL/dx through W + ΔW
+# ------------------------------------------------------------------------------------------
+CONV_CASES = {  # name: (ndim, kernel, stride, padding, dilation)
+    "2d_3x3": (2, 3, 1, 1, 1),
+    "2d_strided_dilated": (2, 3, 2, 0, 2),
+    "1d_k5": (1, 5, 1, 2, 1),
+    "3d_3x3x3": (3, 3, 1, 1, 1),
+    "2d_1x1": (2, 1, 1, 0, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_CASES))
+@pytest.mark.parametrize("vector_scale", [False, True], ids=["scalar", "row_mask"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_factored_conv_fused_gradcheck_and_formula_float64(case: str, vector_scale: bool, bias: bool) -> None:
+    d, k, stride, pad, dil = CONV_CASES[case]
+    c_in, c_out, r1, r2 = 3, 4, 2, 3
+    x = torch.randn(2, c_in, *(6,) * d, dtype=D, requires_grad=True)
+    weight = torch.randn(c_out, c_in, *(k,) * d, dtype=D)
+    b = torch.randn(c_out, dtype=D) if bias else None
+    flat = c_in * k**d
+    w1a, w2a = (torch.randn(c_out, r, dtype=D, requires_grad=True) for r in (r1, r2))
+    w1b, w2b = (torch.randn(r, flat, dtype=D, requires_grad=True) for r in (r1, r2))
+    scale = torch.rand(c_out, dtype=D) + 0.5 if vector_scale else 0.7
+    stage = Fn.Stage(d, (stride,) * d, (pad,) * d, (dil,) * d, 1)
+
+    def f(x, w1a, w1b, w2a, w2b):
+        return Fn.FactoredConvFused.apply(x, weight, b, stage, w1a, w1b, w2a, w2b, scale)
+
+    assert torch.autograd.gradcheck(f, (x, w1a, w1b, w2a, w2b))
+    dw = ((w1a @ w1b) * (w2a @ w2b) * (scale[:, None] if vector_scale else scale)).view(weight.shape)
+    conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[d - 1]
+    expected = conv(x, weight + dw, b, stride, pad, dil)
+    torch.testing.assert_close(f(x, w1a, w1b, w2a, w2b), expected, **TOL64)
+
+
+class ConvNet(nn.Module):
+    def __init__(self, groups: int = 1, padding_mode: str = "zeros") -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1, groups=groups, padding_mode=padding_mode)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x)))
+
+
+def _conv_model(**kw) -> LoHaModel:
+    """4 → 6 channels: small enough that the cost model would materialise ΔW, so the factored
+    path (which the fused node belongs to) is forced."""
+    torch.manual_seed(0)
+    base = ConvNet(**kw).to(D)
+    m = LoHaModel(base, LoHaConfig(r=3, alpha=5, target_modules=["conv"], init_weights=False)).to(D)
+    m.model.conv.compute_path = "factored"
+    return m
+
+
+def test_layer_fused_conv_path_matches_general_path() -> None:
+    """Enough pixels for the merged dL/dx to pay: the layer takes FactoredConvFused; a forward
+    hook on the base layer disables it. Both must agree, gradients too."""
+    fused, general = _conv_model(), _conv_model()
+    general.model.conv.base_layer.register_forward_hook(lambda *a: None)
+    x = torch.randn(2, 4, 12, 12, dtype=D, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    layer = fused.model.conv
+    assert Fn.fused_conv_pays(layer.geometry, (3, 3), 2 * 12 * 12, needs_dx=True)
+    assert "FactoredConvFused" in type(layer(x).grad_fn).__name__
+    assert "FactoredConvFused" not in type(general.model.conv(x2).grad_fn).__name__
+    y1, y2 = fused(x), general(x2)
+    torch.testing.assert_close(y1, y2, **TOL64)
+    y1.pow(2).sum().backward()
+    y2.pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, **TOL64)
+    for (n, p), (_, q) in zip(fused.named_parameters(), general.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, **TOL64, msg=n)
+
+
+@pytest.mark.parametrize("why", ["frozen_input", "few_pixels", "groups", "reflect", "no_grad"])
+def test_fused_conv_path_steps_aside(why: str) -> None:
+    m = _conv_model(groups=2) if why == "groups" else _conv_model(padding_mode="reflect") if why == "reflect" else _conv_model()
+    x = torch.randn(2, 4, 2 if why == "few_pixels" else 12, 12, dtype=D, requires_grad=why != "frozen_input")
+    if why == "no_grad":
+        with torch.no_grad():
+            y = m.model.conv(x)
+        assert y.grad_fn is None
+        return
+    y = m.model.conv(x)
+    assert "FactoredConvFused" not in type(y.grad_fn).__name__
+
+
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv_output_positions(case: str) -> None:
+    d, k, stride, pad, dil = CONV_CASES[case]
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[d - 1](3, 5, k, stride=stride, padding=pad, dilation=dil)
+    x = torch.randn(2, 3, *(9,) * d)
+    geom = Fn.Geometry(5, 3, (k,) * d, (stride,) * d, (pad,) * d, (dil,) * d)
+    assert Fn.conv_output_positions(x, geom) == conv(x).numel() // 5
+
+
+# ------------------------------------------------------------------------------------------
 # No-grad fast path
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", ["factored", "materialised"])

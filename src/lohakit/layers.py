@@ -382,7 +382,7 @@ class LoHaLayer(nn.Module):
                     )
             running.append((name, mask))
         if len(running) == 1 and not args and not kwargs and torch.is_grad_enabled():
-            fused = self._fused_linear_forward(x, *running[0])  # training a plain nn.Linear: one autograd node
+            fused = self._fused_forward(x, *running[0])  # training a plain Linear/ConvNd: one autograd node
             if fused is not None:
                 return fused
         result = base(x, *args, **kwargs)
@@ -414,24 +414,35 @@ class LoHaLayer(nn.Module):
                 "(load_adapter, from_pretrained, or load_state_dict(..., assign=True))"
             )
 
-    def _fused_linear_forward(self, x: torch.Tensor, name: str, mask: torch.Tensor | None) -> torch.Tensor | None:
-        """Base nn.Linear + adapter ``name`` through :class:`~lohakit.functional.FactoredLinearFused`.
+    def _fused_forward(self, x: torch.Tensor, name: str, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Base layer + adapter ``name`` as one autograd node, or None where that does not apply.
 
-        Used only where it computes exactly what the general path does (see
-        :func:`~lohakit.functional.fused_linear_applicable`) and the factored path is chosen;
-        returns None otherwise. Saves the copy of the base output and the separate dL/dx sum
-        (about 2 % of a CPU Llama training step).
+        A plain ``nn.Linear`` goes through :class:`~lohakit.functional.FactoredLinearFused` (saves
+        the copy of the base output and the separate dL/dx sum, about 2 % of a CPU Llama step); a
+        plain one-group ``nn.ConvNd`` through :class:`~lohakit.functional.FactoredConvFused` when
+        its dL/dx through ``W + ΔW`` saves more than rebuilding ΔW costs. Used only where it
+        computes exactly what the general path does (the ``*_applicable`` checks) and the
+        factored path is chosen.
         """
         factors = self.factors(name)
-        if Fn._is_compiling() or not Fn.fused_linear_applicable(self.base_layer, x, factors):
+        geom = self.geometry
+        base = self.base_layer
+        linear = geom.ndim == 0
+        applicable = Fn.fused_linear_applicable if linear else Fn.fused_conv_applicable
+        if Fn._is_compiling() or not applicable(base, x, factors):
             return None
         self._check_loaded(name, factors, x)
-        geom = self.geometry
-        if Fn.resolve_path(self.compute_path, factors, geom, *Fn.positions(x, None, geom), training=True) != "factored":
+        n_in = Fn.positions(x, None, geom)[0] if linear else x.numel() // (geom.in_features * geom.groups)
+        n_out = n_in if linear else Fn.conv_output_positions(x, geom)
+        if Fn.resolve_path(self.compute_path, factors, geom, n_out, n_in, training=True) != "factored":
             return None
-        base = self.base_layer
         out_scale = Fn.output_scale(self.scaling[name], mask, factors)
-        return Fn.FactoredLinearFused.apply(x, base.weight, base.bias, *factors[:4], out_scale)
+        if linear:
+            return Fn.FactoredLinearFused.apply(x, base.weight, base.bias, *factors[:4], out_scale)
+        if not Fn.fused_conv_pays(geom, factors.ranks, n_out, x.requires_grad):
+            return None
+        stage = Fn.Stage(geom.ndim, geom.stride, geom.padding, geom.dilation, 1)
+        return Fn.FactoredConvFused.apply(x, base.weight, base.bias, stage, *factors[:4], out_scale)
 
     # ---------------------------------------------------------------- inference cache
     def _eval_cache_for(self, name: str, factors: HadaFactors, result: torch.Tensor) -> dict | None:
