@@ -195,7 +195,7 @@ def test_layer_fused_conv_path_matches_general_path() -> None:
     x = torch.randn(2, 4, 12, 12, dtype=D, requires_grad=True)
     x2 = x.detach().clone().requires_grad_(True)
     layer = fused.model.conv
-    assert Fn.fused_conv_pays(layer.geometry, (3, 3), 2 * 12 * 12, needs_dx=True)
+    assert Fn.fused_conv_pays(layer.geometry, 2 * 12 * 12, needs_dx=True)
     assert "FactoredConvFused" in type(layer(x).grad_fn).__name__
     assert "FactoredConvFused" not in type(general.model.conv(x2).grad_fn).__name__
     y1, y2 = fused(x), general(x2)
@@ -211,7 +211,8 @@ def test_layer_fused_conv_path_matches_general_path() -> None:
 @pytest.mark.parametrize("why", ["frozen_input", "few_pixels", "groups", "reflect", "no_grad"])
 def test_fused_conv_path_steps_aside(why: str) -> None:
     m = _conv_model(groups=2) if why == "groups" else _conv_model(padding_mode="reflect") if why == "reflect" else _conv_model()
-    x = torch.randn(2, 4, 2 if why == "few_pixels" else 12, 12, dtype=D, requires_grad=why != "frozen_input")
+    x = torch.randn(1, 4, 2 if why == "few_pixels" else 12, 3 if why == "few_pixels" else 12, dtype=D,
+                    requires_grad=why != "frozen_input")
     if why == "no_grad":
         with torch.no_grad():
             y = m.model.conv(x)

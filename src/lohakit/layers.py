@@ -439,7 +439,7 @@ class LoHaLayer(nn.Module):
         out_scale = Fn.output_scale(self.scaling[name], mask, factors)
         if linear:
             return Fn.FactoredLinearFused.apply(x, base.weight, base.bias, *factors[:4], out_scale)
-        if not Fn.fused_conv_pays(geom, factors.ranks, n_out, x.requires_grad):
+        if not Fn.fused_conv_pays(geom, n_out, x.requires_grad):
             return None
         stage = Fn.Stage(geom.ndim, geom.stride, geom.padding, geom.dilation, 1)
         return Fn.FactoredConvFused.apply(x, base.weight, base.bias, stage, *factors[:4], out_scale)
