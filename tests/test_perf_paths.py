@@ -120,12 +120,16 @@ def test_layer_fused_path_matches_general_path() -> None:
     assert not Fn.fused_linear_applicable(general.model.inp.base_layer, x, layer.factors("default"))
     assert "FactoredLinearFused" in type(layer(x).grad_fn).__name__
     assert "FactoredLinearFused" not in type(general.model.inp(x).grad_fn).__name__
-    y1, y2 = fused(x), general(x2)
+    _assert_same_outputs_and_grads(fused, general, x, x2)
+
+
+def _assert_same_outputs_and_grads(m1: nn.Module, m2: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -> None:
+    y1, y2 = m1(x1), m2(x2)
     torch.testing.assert_close(y1, y2, **TOL64)
     y1.pow(2).sum().backward()
     y2.pow(2).sum().backward()
-    torch.testing.assert_close(x.grad, x2.grad, **TOL64)
-    for (n, p), (_, q) in zip(fused.named_parameters(), general.named_parameters()):
+    torch.testing.assert_close(x1.grad, x2.grad, **TOL64)
+    for (n, p), (_, q) in zip(m1.named_parameters(), m2.named_parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, q.grad, **TOL64, msg=n)
 
@@ -198,14 +202,7 @@ def test_layer_fused_conv_path_matches_general_path() -> None:
     assert Fn.fused_conv_pays(layer.geometry, 2 * 12 * 12, needs_dx=True)
     assert "FactoredConvFused" in type(layer(x).grad_fn).__name__
     assert "FactoredConvFused" not in type(general.model.conv(x2).grad_fn).__name__
-    y1, y2 = fused(x), general(x2)
-    torch.testing.assert_close(y1, y2, **TOL64)
-    y1.pow(2).sum().backward()
-    y2.pow(2).sum().backward()
-    torch.testing.assert_close(x.grad, x2.grad, **TOL64)
-    for (n, p), (_, q) in zip(fused.named_parameters(), general.named_parameters()):
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, q.grad, **TOL64, msg=n)
+    _assert_same_outputs_and_grads(fused, general, x, x2)
 
 
 @pytest.mark.parametrize("why", ["frozen_input", "few_pixels", "groups", "reflect", "no_grad"])

@@ -521,7 +521,7 @@ def _factored_linear_backward(
     dtype = x.dtype
     dx = dh = None
     if need_x or need_factors[1] or need_factors[3]:
-        p_t = khatri_rao_cols(_scale_rows(w1a, rows).T.contiguous(), w2a.T.contiguous()).to(dtype)  # (R, out): Pᵀ
+        p_t = _p_transposed(w1a, w2a, rows, dtype)  # (R, out)
         dh = g2 @ p_t.T  # (N, R)
         if need_x:
             q = khatri_rao_cols(w1b, w2b).to(dtype)  # (R, in)
@@ -693,7 +693,7 @@ class FactoredConvFused(torch.autograd.Function):
         need_f = need[4:8]
         need_q = need_f[1] or need_f[3]
         if need[0] or need_q:
-            p_t = khatri_rao_cols(_scale_rows(w1a, rows).T.contiguous(), w2a.T.contiguous()).to(dtype)  # (R, out)
+            p_t = _p_transposed(w1a, w2a, rows, dtype)  # (R, out)
             q = khatri_rao_cols(w1b, w2b).to(dtype)  # (R, in·K)
         dx = dpt = dq = None
         if need[0]:
@@ -788,8 +788,14 @@ def linear_qp(
     """
     f = factors
     q = khatri_rao_cols(f.w1b, f.w2b).to(dtype)  # (R, in)
-    p_t = khatri_rao_cols(_scale_rows(f.w1a, out_scale).T.contiguous(), f.w2a.T.contiguous()).to(dtype)  # (R, out)
-    return q, p_t
+    return q, _p_transposed(f.w1a, f.w2a, out_scale, dtype)  # (R, in), (R, out)
+
+
+def _p_transposed(
+    w1a: torch.Tensor, w2a: torch.Tensor, out_scale: torch.Tensor | float, dtype: torch.dtype
+) -> torch.Tensor:
+    """Pᵀ = (S·w1a)ᵀ ⊙_col w2aᵀ ``(R, out)`` in ``dtype`` (see :func:`linear_qp`)."""
+    return khatri_rao_cols(_scale_rows(w1a, out_scale).T.contiguous(), w2a.T.contiguous()).to(dtype)  # (R, out)
 
 
 def _scale_rows(w: torch.Tensor, out_scale: torch.Tensor | float) -> torch.Tensor:
