@@ -432,6 +432,8 @@ class LoHaLayer(nn.Module):
         if Fn._is_compiling() or not applicable(base, x, factors):
             return None
         self._check_loaded(name, factors, x)
+        if self._eval_cache and any(t.requires_grad for t in factors[:4]):
+            self._eval_cache.clear()  # as the general path does: an optimizer step may follow
         n_in = Fn.positions(x, None, geom)[0] if linear else x.numel() // (geom.in_features * geom.groups)
         n_out = n_in if linear else Fn.conv_output_positions(x, geom)
         if Fn.resolve_path(self.compute_path, factors, geom, n_out, n_in, training=True) != "factored":
