@@ -55,12 +55,14 @@ def _formula_delta(layer: nn.Module, f: list[torch.Tensor], name: str, rows: tor
     dw = (w1a @ w1b) * (w2a @ w2b) * layer.scaling[name]  # (out, in·K)
     if rows is not None:
         dw = dw * rows.to(dw)[:, None]
-    return dw.reshape(layer.base_layer.weight.shape)
+    return dw.reshape(layer.geometry.weight_shape)  # (out, in/g, *k)
 
 
 def _formula_apply(layer: nn.Module, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
     """x through W + ΔW with the base layer's own parameters (F.linear / F.convNd)."""
     base = layer.base_layer
+    if layer.geometry.transposed:  # transformers' Conv1D: y = x W + b, W stored (in, out)
+        return x @ (base.weight + dw.T.to(base.weight.dtype)) + base.bias
     w = base.weight + dw.to(base.weight.dtype)
     if isinstance(base, nn.Linear):
         return F.linear(x, w, base.bias)
@@ -578,3 +580,86 @@ def test_module_dropout_leaving_one_of_two_adapters_takes_fused_node(kind: str) 
     torch.manual_seed(seed)
     _check_against_formula(layer, x, name=kept, node="Fused")
     assert all(p.grad is None for p in layer.factors(dropped)[:4])
+
+
+# ------------------------------------------------------------------------------------------
+# Rank dropout on the general paths (P's rows scaled through linear_qp / factored_stages)
+# ------------------------------------------------------------------------------------------
+def _mixed_mask_seed(n: int, p: float) -> int:
+    """A seed whose rank-dropout draw drops some rows and keeps others."""
+    for seed in range(1000):
+        torch.manual_seed(seed)
+        mask = Fn.rank_dropout_mask(n, p, True)
+        if (mask == 0).any() and (mask > 0).any():
+            return seed
+    raise AssertionError("no seed with a mixed mask")
+
+
+def _hf_conv1d() -> nn.Module:
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    return conv1d(5, 7)  # nf=5 outputs, nx=7 inputs
+
+
+GENERAL_CASES = {  # name: (base factory, input shape, grad)
+    "hf_conv1d_grad": (_hf_conv1d, (4, 7), True),
+    "grouped_conv_grad": (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2), (2, 4, 6, 6), True),
+    "linear_nograd": (lambda: nn.Linear(7, 5), (3, 7), False),
+    "conv_nograd": (lambda: nn.Conv2d(3, 5, 3, stride=2), (2, 3, 9, 9), False),
+}
+
+
+@pytest.mark.parametrize("case", list(GENERAL_CASES))
+def test_rank_dropout_on_general_paths_matches_formula(case: str) -> None:
+    """Training mode, one adapter, factored path, where no fused node applies (transposed
+    Conv1D, grouped conv, or no gradient recorded): the mask scales ΔW's output rows."""
+    make, shape, grad = GENERAL_CASES[case]
+    layer = _wrap(make(), rank_dropout=0.5).model[0].train()
+    out = layer.geometry.out_features
+    seed = _mixed_mask_seed(out, 0.5)
+    torch.manual_seed(seed)
+    mask = Fn.rank_dropout_mask(out, 0.5, True)
+    x = torch.randn(*shape, dtype=D, requires_grad=grad)
+    torch.manual_seed(seed)
+    if grad:
+        y = _check_against_formula(layer, x, rows=mask, node=None)
+        assert "Fused" not in _node(y)
+        return
+    f = _leaf_factors(layer, "default")
+    with torch.no_grad():
+        y = layer(x)
+    torch.testing.assert_close(y, _formula_apply(layer, x, _formula_delta(layer, f, "default", mask)), **TOL64)
+
+
+# ------------------------------------------------------------------------------------------
+# Empty batches (nn.ConvNd accepts them: uneven last batches, detection heads with no boxes)
+# ------------------------------------------------------------------------------------------
+EMPTY_CASES = {  # name: (base factory, LoHaConfig extras)
+    "conv3x3": (lambda: nn.Conv2d(3, 5, 3), {}),
+    "conv1x1": (lambda: nn.Conv2d(3, 5, 1), {}),
+    "conv3x3_tucker": (lambda: nn.Conv2d(3, 5, 3), {"use_effective_conv2d": True}),
+    "linear": (lambda: nn.Linear(6, 5), {}),
+}
+
+
+@pytest.mark.parametrize("path", ["factored", "materialised"])
+@pytest.mark.parametrize("case", list(EMPTY_CASES))
+def test_empty_batch_like_the_base_layer(case: str, path: str) -> None:
+    """A batch of zero: the output is the base layer's (empty) output, training gives zero
+    factor grads like the plain formula, inference (cached or not) works too."""
+    make, extra = EMPTY_CASES[case]
+    m = _wrap(make(), **extra)
+    m.set_compute_path(path)
+    layer = m.model[0]
+    shape = (0, 6) if case == "linear" else (0, 3, 8, 8)
+    x = torch.randn(*shape, dtype=D, requires_grad=True)
+    y = layer(x)
+    assert y.shape == layer.base_layer(x).shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for p in layer.factors("default"):
+        if p is not None:
+            assert p.grad is not None and torch.all(p.grad == 0)
+    m.eval()
+    with torch.no_grad():
+        for _ in range(2):  # fills, then hits the eval cache
+            assert layer(x.detach()).shape == y.shape

@@ -343,7 +343,7 @@ class Stage:
     def forward(self, h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.ndim == 0:
             return F.linear(h, w, bias)
-        if self.pointwise(w) and h.dim() == self.ndim + 2:
+        if self.pointwise(w) and h.dim() == self.ndim + 2 and h.numel() > 0:  # (an empty batch: F.conv)
             b, c_in = h.shape[:2]
             w3 = w.view(1, w.shape[0], c_in).expand(b, -1, -1)  # (B, c_out, c_in); bmm, not matmul,
             out = torch.bmm(w3, h.reshape(b, c_in, -1))  # (B, c_out, S)  (matmul would transpose-copy h)
@@ -360,7 +360,7 @@ class Stage:
             gh = g @ w if need_input else None  # (..., c_in)
             gw = g.reshape(-1, g.shape[-1]).T @ h.reshape(-1, h.shape[-1]) if need_weight else None
             return gh, gw
-        if self.pointwise(w) and h.dim() == self.ndim + 2:
+        if self.pointwise(w) and h.dim() == self.ndim + 2 and h.numel() > 0:
             b, c_in, c_out = h.shape[0], h.shape[1], w.shape[0]
             w2 = w.view(c_out, c_in)  # (c_out, c_in)
             g3 = g.reshape(b, c_out, -1)  # (B, c_out, S)
@@ -392,7 +392,7 @@ class StageChain(torch.autograd.Function):
         if base is not None and last.ndim == 0:
             h2 = hs[-1].reshape(-1, hs[-1].shape[-1])  # (N, r²)
             out = torch.addmm(base.reshape(-1, base.shape[-1]), h2, w_last.T).reshape(base.shape)
-        elif base is not None and last.pointwise(w_last) and base.dim() == last.ndim + 2:
+        elif base is not None and last.pointwise(w_last) and base.dim() == last.ndim + 2 and base.numel() > 0:
             # 1x1 conv as a batched matmul accumulated into the base output (one baddbmm)
             h = hs[-1]
             b, c_in, c_out = h.shape[0], h.shape[1], w_last.shape[0]
