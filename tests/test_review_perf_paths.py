@@ -663,3 +663,24 @@ def test_empty_batch_like_the_base_layer(case: str, path: str) -> None:
     with torch.no_grad():
         for _ in range(2):  # fills, then hits the eval cache
             assert layer(x.detach()).shape == y.shape
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_non_contiguous_factors_from_assign_load(kind: str) -> None:
+    """load_state_dict(assign=True) with transposed-layout tensors makes the factors themselves
+    non-contiguous: the fused nodes and the eval cache must not assume a layout."""
+    base = nn.Conv2d(3, 5, 3, padding=1) if kind == "conv" else nn.Linear(6, 5)
+    m = _wrap(base)
+    layer = m.model[0]
+    sd = {k: v.T.contiguous().T if "hada_" in k else v for k, v in m.state_dict().items()}
+    m.load_state_dict(sd, assign=True)
+    assert not any(p.is_contiguous() for p in layer.factors("default")[:4])
+    shape = (2, 3, 8, 8) if kind == "conv" else (3, 6)
+    x = torch.randn(*shape, dtype=D, requires_grad=True)
+    _check_against_formula(layer, x, node="Fused")
+    m.eval()
+    f = _leaf_factors(layer, "default")
+    expected = _formula_apply(layer, x.detach(), _formula_delta(layer, f, "default"))
+    with torch.no_grad():
+        for _ in range(2):  # fills, then hits the eval cache
+            torch.testing.assert_close(layer(x.detach()), expected, **TOL64)
