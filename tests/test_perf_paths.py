@@ -443,3 +443,46 @@ def test_fused_path_steps_aside_under_autocast() -> None:
         y = m(x)
     y.float().pow(2).sum().backward()
     assert layer.hada_w1_a["default"].grad is not None
+
+
+# ------------------------------------------------------------------------------------------
+# Second order (create_graph=True): gradient penalties, meta-learning
+# ------------------------------------------------------------------------------------------
+def _second_order_cases() -> dict:
+    g = torch.Generator().manual_seed(11)
+    o, i, r1, r2 = 4, 3, 2, 3
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g, dtype=D).requires_grad_(True)
+
+    lin = [t(o, r1), t(r1, i), t(o, r2), t(r2, i)]
+    conv = [t(o, r1), t(r1, i * 9), t(o, r2), t(r2, i * 9)]
+    weight, weight_k = torch.randn(o, i, generator=g, dtype=D), torch.randn(o, i, 3, 3, generator=g, dtype=D)
+    row = torch.rand(o, generator=g, dtype=D) + 0.5
+    stage = Fn.Stage(2, (1, 1), (1, 1), (1, 1), 1)
+    chain = (Fn.Stage(2, (1, 1), (1, 1), (1, 1), 1), Fn.Stage(2, (1, 1), (0, 0), (1, 1), 1))
+    return {
+        "FactoredLinear": (lambda x, *f: Fn.FactoredLinear.apply(x, None, *f, 0.5), [t(2, i), *lin]),
+        "FactoredLinearFused": (lambda x, *f: Fn.FactoredLinearFused.apply(x, weight, None, *f, row), [t(2, i), *lin]),
+        "FactoredConvFused": (lambda x, *f: Fn.FactoredConvFused.apply(x, weight_k, None, stage, *f, 0.5),
+                              [t(1, i, 4, 4), *conv]),
+        "StageChain": (lambda x, a, b: Fn.StageChain.apply(x, None, chain, a, b), [t(1, i, 4, 4), t(5, i, 3, 3), t(o, 5, 1, 1)]),
+    }
+
+
+@pytest.mark.parametrize("name", list(_second_order_cases()))
+def test_custom_autograd_second_order_gradgradcheck(name: str) -> None:
+    """The backward recomputes its saved intermediates when it is itself recorded, so Hessian-vector
+    products through it are exact (not only penalties on dL/dx)."""
+    fn, args = _second_order_cases()[name]
+    assert torch.autograd.gradgradcheck(fn, args)
+
+
+def test_tucker_delta_weight_refuses_second_order_instead_of_a_wrong_answer() -> None:
+    g = torch.Generator().manual_seed(2)
+    t1, t2 = (torch.randn(2, 2, 3, 3, generator=g, dtype=D, requires_grad=True) for _ in range(2))
+    wa, wb = (torch.randn(2, n, generator=g, dtype=D, requires_grad=True) for n in (4, 3))
+    dw = Fn.HadaWeightTucker.apply(t1, wa, wb, t2, wa, wb, 0.5)
+    (gw,) = torch.autograd.grad(dw.square().sum(), wa, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gw.sum().backward()

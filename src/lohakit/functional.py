@@ -29,6 +29,7 @@ from typing import Literal, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import kernels
 
@@ -259,6 +260,7 @@ class HadaWeightTucker(torch.autograd.Function):
         return _tucker_branch(t1, w1a, w1b) * _tucker_branch(t2, w2a, w2b) * scale
 
     @staticmethod
+    @once_differentiable  # detaches the factors: differentiating this backward again raises
     def backward(ctx, grad):  # type: ignore[override]
         saved = ctx.saved_tensors
         needs = ctx.needs_input_grad[:6]
@@ -412,7 +414,10 @@ class StageChain(torch.autograd.Function):
         stages = ctx.stages
         n = len(stages)
         saved = ctx.saved_tensors
-        hs, ws = saved[:n], saved[n:]
+        hs, ws = list(saved[:n]), saved[n:]
+        if torch.is_grad_enabled():  # create_graph: rebuild the intermediates so second order sees their inputs
+            for i in range(1, n):
+                hs[i] = stages[i - 1].forward(hs[i - 1], ws[i - 1])
         gw: list[torch.Tensor | None] = [None] * n
         gh = g
         for i in reversed(range(n)):
@@ -480,12 +485,24 @@ class FactoredLinear(torch.autograd.Function):
         need = ctx.needs_input_grad
         out_scale = ctx.scalar_scale if scale_t is None else scale_t
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        h, triton = _differentiable_h(x, h, w1b, w2b, ctx.triton)
         dx, g_w1a, g_w1b, g_w2a, g_w2b = _factored_linear_backward(
-            g2, x, h, (w1a, w1b, w2a, w2b), out_scale, need[0], need[2:6], triton=ctx.triton
+            g2, x, h, (w1a, w1b, w2a, w2b), out_scale, need[0], need[2:6], triton=triton
         )
         g_x = dx.reshape(x.shape) if dx is not None else None  # (..., in)
         g_base = g if ctx.has_base and need[1] else None
         return g_x, g_base, g_w1a, g_w1b, g_w2a, g_w2b, None
+
+
+def _differentiable_h(
+    x: torch.Tensor, h: torch.Tensor, w1b: torch.Tensor, w2b: torch.Tensor, triton: bool
+) -> tuple[torch.Tensor, bool]:
+    """The saved ``h = x Qᵀ``, or, when the backward itself is recorded (``create_graph=True``:
+    gradient penalties, meta-learning), h rebuilt from x and the factors so that second-order
+    terms see how it depends on them; the Triton kernels record no graph, so torch runs then."""
+    if not torch.is_grad_enabled():
+        return h, triton
+    return x.reshape(-1, x.shape[-1]) @ khatri_rao_cols(w1b, w2b).to(x.dtype).T, False  # (N, R)
 
 
 def _factored_linear_backward(
@@ -642,9 +659,10 @@ class FactoredLinearFused(torch.autograd.Function):
         out_scale = ctx.scalar_scale if scale_t is None else scale_t
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
         base_dx = g2 @ weight if need[0] else None  # (N, in): G W
+        h, triton = _differentiable_h(x, h, w1b, w2b, ctx.triton)
         dx, g_w1a, g_w1b, g_w2a, g_w2b = _factored_linear_backward(
             g2, x, h, (w1a, w1b, w2a, w2b), out_scale, need[0], (need[3], need[4], need[5], need[6]),
-            dx_into=base_dx, triton=ctx.triton,
+            dx_into=base_dx, triton=triton,
         )
         g_x = dx.view(x.shape) if dx is not None else None  # (..., in): G W + dh Q
         return g_x, None, None, g_w1a, g_w1b, g_w2a, g_w2b, None
@@ -692,9 +710,11 @@ class FactoredConvFused(torch.autograd.Function):
         g3 = g.reshape(b, c_out, -1)  # (B, out, S)
         need_f = need[4:8]
         need_q = need_f[1] or need_f[3]
-        if need[0] or need_q:
+        if need[0] or need_q or torch.is_grad_enabled():
             p_t = _p_transposed(w1a, w2a, rows, dtype)  # (R, out)
             q = khatri_rao_cols(w1b, w2b).to(dtype)  # (R, in·K)
+        if torch.is_grad_enabled():  # create_graph: h rebuilt from x and the factors (see _differentiable_h)
+            h = stage.forward(x, q.view(R, *weight.shape[1:]))  # (B, R, *spatial)
         dx = dpt = dq = None
         if need[0]:
             # W + ΔW as one GEMM, ΔW = P Q (about 2.5x faster on CPU than (S·w1a@w1b) ⊙ (w2a@w2b) + W)
