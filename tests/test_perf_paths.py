@@ -486,3 +486,12 @@ def test_tucker_delta_weight_refuses_second_order_instead_of_a_wrong_answer() ->
     (gw,) = torch.autograd.grad(dw.square().sum(), wa, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         gw.sum().backward()
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_conv_output_positions_string_padding(padding: str) -> None:
+    conv = nn.Conv2d(3, 5, 3, padding=padding)
+    x = torch.randn(2, 3, 9, 8)
+    geom = Fn.Geometry(5, 3, (3, 3), (1, 1), padding, (1, 1))
+    assert Fn.conv_output_positions(x, geom) == conv(x).numel() // 5
+    assert Fn.positions(x, None, geom) == Fn.positions(x, conv(x), geom)

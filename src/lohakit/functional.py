@@ -537,15 +537,16 @@ def _factored_linear_backward(
         return _factored_linear_backward_kernels(g2, x, h, factors, rows, need_x, need_factors, dx_into)
     dtype = x.dtype
     dx = dh = None
+    a_t = _a_transposed(w1a, w2a, rows)  # (r1, out), (r2, out): for Pᵀ and the A-gradients
     if need_x or need_factors[1] or need_factors[3]:
-        p_t = _p_transposed(w1a, w2a, rows, dtype)  # (R, out)
+        p_t = khatri_rao_cols(*a_t).to(dtype)  # (R, out)
         dh = g2 @ p_t.T  # (N, R)
         if need_x:
             q = khatri_rao_cols(w1b, w2b).to(dtype)  # (R, in)
             dx = dx_into.addmm_(dh, q) if dx_into is not None else dh @ q  # (N, in)
     dpt = h.T @ g2 if need_factors[0] or need_factors[2] else None  # (R, out): dPᵀ before the scale
     dq = dh.T @ x.reshape(-1, x.shape[-1]) if need_factors[1] or need_factors[3] else None  # (R, in)
-    return (dx, *_kr_factor_grads(dpt, dq, factors, rows, need_factors))
+    return (dx, *_kr_factor_grads(dpt, dq, factors, rows, need_factors, a_t))
 
 
 def _kr_factor_grads(
@@ -554,6 +555,7 @@ def _kr_factor_grads(
     factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     rows: torch.Tensor | float,
     need_factors: Sequence[bool],
+    a_t: tuple[torch.Tensor, torch.Tensor],
 ) -> tuple[torch.Tensor | None, ...]:
     """Factor gradients from dL/dPᵀ and dL/dQ, by the product rule through the Khatri-Rao products.
 
@@ -572,6 +574,7 @@ def _kr_factor_grads(
         factors: (w1a, w1b, w2a, w2b) in PEFT's flat layout.
         rows: The output scale S: s, or s · rank-dropout mask ``(out,)``.
         need_factors: Which of (w1a, w1b, w2a, w2b) need a gradient.
+        a_t: :func:`_a_transposed` of (w1a, w2a, rows), which the caller builds for Pᵀ anyway.
 
     Returns:
         ``(g_w1a, g_w1b, g_w2a, g_w2b)`` in the factors' dtype (None where not needed).
@@ -580,11 +583,11 @@ def _kr_factor_grads(
     r1, r2 = w1b.shape[0], w2b.shape[0]
     g_w1a = g_w1b = g_w2a = g_w2b = None
     if dpt is not None:
+        a1s_t, a2_t = a_t  # (r1, out), (r2, out)
         dpt3 = dpt.to(w1a.dtype).view(r1, r2, -1)  # (r1, r2, out)
         if need_factors[0]:
-            g_w1a = _scale_rows((dpt3 * w2a.T.contiguous().unsqueeze(0)).sum(1).T, rows).contiguous()  # (out, r1)
+            g_w1a = _scale_rows((dpt3 * a2_t.unsqueeze(0)).sum(1).T, rows).contiguous()  # (out, r1)
         if need_factors[2]:
-            a1s_t = _scale_rows(w1a, rows).T.contiguous()  # (r1, out): (S·w1a)ᵀ
             g_w2a = (dpt3 * a1s_t.unsqueeze(1)).sum(0).T.contiguous()  # (out, r2)
     if dq is not None:
         dq3 = dq.to(w1b.dtype).view(r1, r2, -1)  # (r1, r2, in·K)
@@ -710,8 +713,9 @@ class FactoredConvFused(torch.autograd.Function):
         g3 = g.reshape(b, c_out, -1)  # (B, out, S)
         need_f = need[4:8]
         need_q = need_f[1] or need_f[3]
+        a_t = _a_transposed(w1a, w2a, rows)  # (r1, out), (r2, out): for Pᵀ and the A-gradients
         if need[0] or need_q or torch.is_grad_enabled():
-            p_t = _p_transposed(w1a, w2a, rows, dtype)  # (R, out)
+            p_t = khatri_rao_cols(*a_t).to(dtype)  # (R, out)
             q = khatri_rao_cols(w1b, w2b).to(dtype)  # (R, in·K)
         if torch.is_grad_enabled():  # create_graph: h rebuilt from x and the factors (see _differentiable_h)
             h = stage.forward(x, q.view(R, *weight.shape[1:]))  # (B, R, *spatial)
@@ -726,7 +730,7 @@ class FactoredConvFused(torch.autograd.Function):
             dh = torch.matmul(p_t, g3).view(h.shape)  # (B, R, *spatial): Pᵀ G
             dq = stage.backward(dh, x, q.view(R, *weight.shape[1:]), need_input=False, need_weight=True)[1]
             dq = dq.reshape(R, -1)  # (R, in·K)
-        grads = _kr_factor_grads(dpt, dq, (w1a, w1b, w2a, w2b), rows, need_f)
+        grads = _kr_factor_grads(dpt, dq, (w1a, w1b, w2a, w2b), rows, need_f, a_t)
         return (dx, None, None, None, *grads, None)
 
 
@@ -808,14 +812,15 @@ def linear_qp(
     """
     f = factors
     q = khatri_rao_cols(f.w1b, f.w2b).to(dtype)  # (R, in)
-    return q, _p_transposed(f.w1a, f.w2a, out_scale, dtype)  # (R, in), (R, out)
+    p_t = khatri_rao_cols(*_a_transposed(f.w1a, f.w2a, out_scale)).to(dtype)  # (R, out)
+    return q, p_t
 
 
-def _p_transposed(
-    w1a: torch.Tensor, w2a: torch.Tensor, out_scale: torch.Tensor | float, dtype: torch.dtype
-) -> torch.Tensor:
-    """Pᵀ = (S·w1a)ᵀ ⊙_col w2aᵀ ``(R, out)`` in ``dtype`` (see :func:`linear_qp`)."""
-    return khatri_rao_cols(_scale_rows(w1a, out_scale).T.contiguous(), w2a.T.contiguous()).to(dtype)  # (R, out)
+def _a_transposed(
+    w1a: torch.Tensor, w2a: torch.Tensor, out_scale: torch.Tensor | float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``((S·w1a)ᵀ, w2aᵀ)``, ``(r1, out)`` and ``(r2, out)`` contiguous, factor dtype."""
+    return _scale_rows(w1a, out_scale).T.contiguous(), w2a.T.contiguous()
 
 
 def _scale_rows(w: torch.Tensor, out_scale: torch.Tensor | float) -> torch.Tensor:
@@ -1010,21 +1015,26 @@ def rank_dropout_mask(
 # The one entry point layers call
 # --------------------------------------------------------------------------------------------
 def positions(x: torch.Tensor, base_out: torch.Tensor | None, geom: Geometry) -> tuple[int, int]:
-    """(output positions, input positions) of a call: tokens, or batch · pixels (``base_out``
-    is only needed for convolutions)."""
+    """(output positions, input positions) of a call: tokens, or batch · pixels. For convolutions
+    the output count is read off ``base_out``, or, before the base has run (``None``), worked
+    out from the convolution's arithmetic (:func:`conv_output_positions`)."""
     if geom.ndim == 0:
         n = x.numel() // max(geom.in_features, 1)
         return n, n
-    n_out = base_out.numel() // max(geom.out_features, 1)
     n_in = x.numel() // max(geom.in_features * geom.groups, 1)
-    return n_out, n_in
+    if base_out is None:
+        return conv_output_positions(x, geom), n_in
+    return base_out.numel() // max(geom.out_features, 1), n_in
 
 
 def conv_output_positions(x: torch.Tensor, geom: Geometry) -> int:
-    """Batch · output pixels of a convolution with integer padding, from its input alone."""
+    """Batch · output pixels of a convolution, from its input alone."""
     spatial = x.shape[-geom.ndim:]
     n = x.numel() // max(math.prod(spatial) * geom.in_features * geom.groups, 1)  # batch
-    for size, k, s, p, d in zip(spatial, geom.kernel_size, geom.stride, geom.padding, geom.dilation):
+    if geom.padding == "same":
+        return n * math.prod(spatial)
+    padding = (0,) * geom.ndim if geom.padding == "valid" else geom.padding
+    for size, k, s, p, d in zip(spatial, geom.kernel_size, geom.stride, padding, geom.dilation):
         n *= max((size + 2 * p - d * (k - 1) - 1) // s + 1, 0)
     return n
 

@@ -381,6 +381,13 @@ class LoHaLayer(nn.Module):
                         self.geometry.out_features, self.rank_dropout[name], self.rank_dropout_scale[name], x.device
                     )
             running.append((name, mask))
+        if self._eval_cache and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for name, _ in running for t in self.factors(name)
+        ):
+            # An optimizer step may follow, and fused optimizers (torch AdamW(fused=True), the HF
+            # Trainer default) update parameters without bumping their version counters. Done here,
+            # before either path (fused node or general) runs.
+            self._eval_cache.clear()
         if len(running) == 1 and not args and not kwargs and torch.is_grad_enabled():
             fused = self._fused_forward(x, *running[0])  # training a plain Linear/ConvNd: one autograd node
             if fused is not None:
@@ -393,10 +400,6 @@ class LoHaLayer(nn.Module):
         for name, mask in running:
             factors = self.factors(name)
             self._check_loaded(name, factors, result)
-            if self._eval_cache and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in factors):
-                # An optimizer step may follow, and fused optimizers (torch AdamW(fused=True), the HF
-                # Trainer default) update parameters without bumping their version counters.
-                self._eval_cache.clear()
             cache = None if self.training else self._eval_cache_for(name, factors, result)
             result = Fn.loha_delta_forward(
                 x, result, factors, self.geometry, self.scaling[name], mask, self.compute_path,
@@ -432,10 +435,7 @@ class LoHaLayer(nn.Module):
         if Fn._is_compiling() or not applicable(base, x, factors):
             return None
         self._check_loaded(name, factors, x)
-        if self._eval_cache and any(t.requires_grad for t in factors[:4]):
-            self._eval_cache.clear()  # as the general path does: an optimizer step may follow
-        n_in = Fn.positions(x, None, geom)[0] if linear else x.numel() // (geom.in_features * geom.groups)
-        n_out = n_in if linear else Fn.conv_output_positions(x, geom)
+        n_out, n_in = Fn.positions(x, None, geom)
         if Fn.resolve_path(self.compute_path, factors, geom, n_out, n_in, training=True) != "factored":
             return None
         out_scale = Fn.output_scale(self.scaling[name], mask, factors)
