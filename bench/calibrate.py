@@ -1,7 +1,7 @@
 """Cost-model calibration: factored vs materialised fwd+bwd for single layers.
 
 For each (layer, N, r) the two forced paths run interleaved; the table gives
-t_factored / t_materialised and what :func:`lohakit.functional.prefer_factored` predicts,
+t_factored / t_materialised and what :func:`lohakit.core.functional.prefer_factored` predicts,
 so FACTORED_COST_BIAS can be checked against this machine.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from lohakit import functional as Fn
+from lohakit.core import functional as Fn
 
 from .layers import FwdBwd
 from .timing import interleaved_medians

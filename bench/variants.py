@@ -28,7 +28,7 @@ LOHAKIT_PATHS = {
     "lohakit": "auto", "lohakit_factored": "factored", "lohakit_mat": "materialised", "lohakit_triton": "auto",
 }
 
-#: Variants whose calls run with ``LOHAKIT_TRITON=1`` (the opt-in Triton kernels of lohakit.kernels).
+#: Variants whose calls run with ``LOHAKIT_TRITON=1`` (the opt-in Triton kernels of lohakit.core.kernels).
 TRITON_VARIANTS = frozenset({"lohakit_triton"})
 
 #: The package each competitor needs (a variant whose package is missing is left out, with a note).
@@ -37,7 +37,7 @@ _NEEDS = {"peft_lora": "peft", "peft_loha": "peft", "lycoris_loha": "lycoris", "
 
 def available_variants(device: str, wanted: tuple[str, ...] = ALL_VARIANTS) -> tuple[str, ...]:
     """``wanted`` less the variants this machine cannot run (package missing; Triton off CUDA)."""
-    from lohakit import kernels
+    from lohakit.core import kernels
 
     out = []
     for v in wanted:

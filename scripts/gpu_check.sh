@@ -8,8 +8,8 @@
 # About 8 minutes, each step under its own timeout so a hang still leaves the other outputs:
 #   env.txt      nvidia-smi, torch / triton versions
 #   tests.txt    the Triton kernels compiled for the GPU (no interpreter) and the kernel path of
-#                the training autograd against the torch path (tests/test_kernels.py,
-#                tests/test_triton_path.py); the CUDA cases of the core (tests/test_functional.py)
+#                the training autograd against the torch path (tests/core/test_kernels.py,
+#                tests/core/test_triton_path.py); the CUDA cases of the core (tests/core/test_functional.py)
 #   bench.txt    python -m bench linear llama memory --quick at BRIEF §6 shapes (bf16): single
 #                Linear d=1024/4096 × 1k/8k tokens, the 2-layer Llama-7B-shaped step at r=8 with
 #                every variant (lohakit_triton included), peak CUDA memory per variant in a
@@ -35,8 +35,8 @@ fi
     "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 } > "$OUT/env.txt" 2>&1
 
-timeout 140 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_triton_path.py \
-    tests/test_functional.py > "$OUT/tests.txt" 2>&1
+timeout 140 "$PY" -m pytest -q -p no:cacheprovider tests/core/test_kernels.py tests/core/test_triton_path.py \
+    tests/core/test_functional.py > "$OUT/tests.txt" 2>&1
 echo "tests exit status: $?" >> "$OUT/tests.txt"
 
 timeout 380 "$PY" -m bench linear llama memory --quick --out "$OUT/RESULTS_GPU.md" \

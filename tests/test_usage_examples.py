@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cases import bert, clip_text, llama, t5, unet
+from helpers.models import bert, clip_text, llama, t5, unet
 from lohakit import LoHaConfig, LoHaModel, get_peft_model
 
 

@@ -1,14 +1,16 @@
 """lohakit: LoHa (Low-Rank Hadamard product) adapters for PyTorch models.
 
-Layout: ``config`` (LoHaConfig), ``functional`` (all the math), ``layers`` (nn.Module
-wrappers), ``targets`` (which modules to adapt), ``model`` (injection and adapter lifecycle).
+Layout (arrows point one way, down): ``app`` (the ``lohakit`` command) → ``integrations``
+(diffusers, LoRA export) → ``formats`` (PEFT directories, kohya files, per-family name tables)
+→ ``core`` (the engine: config, functional math, kernels, layers, targets, model, io).
 """
 
-from .config import LoHaConfig
-from .functional import HadaFactors, Geometry, delta_weight
-from .layers import LoHaLayer
-from .model import LoHaModel, ModulesToSaveWrapper, get_peft_model
-from .io import LoHaFormatError, load_state_dict, save_state_dict
+from .core.config import LoHaConfig
+from .core.functional import HadaFactors, Geometry, delta_weight
+from .core.layers import LoHaLayer
+from .core.model import LoHaModel, ModulesToSaveWrapper, get_peft_model
+from .core.io import LoHaFormatError, load_state_dict, save_state_dict
+from .formats import peft as _peft_format  # noqa: F401  registers PEFT's directory format as the adapter store
 
 __version__ = "0.1.0"
 

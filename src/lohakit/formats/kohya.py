@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Union
 import torch
 import torch.nn as nn
 
-from .. import functional as Fn
-from ..functional import Geometry, HadaFactors
-from ..layers import ADAPTER_PARAM_NAMES, LoHaLayer, geometry_of
+from ..core import functional as Fn
+from ..core.functional import Geometry, HadaFactors
+from ..core.layers import ADAPTER_PARAM_NAMES, LoHaLayer, geometry_of
 from .peft import ADAPTER_CONFIG_NAME, KEY_PREFIX, SAFETENSORS_WEIGHTS_NAME, peft_config_dict, write_adapter_dirs
 
 if TYPE_CHECKING:
-    from ..config import LoHaConfig
+    from ..core.config import LoHaConfig
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def kohya_name(prefix: str, path: str) -> str:
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """A LoHaModel's wrapped model (paths are relative to it); any other module unchanged."""
-    from ..model import LoHaModel
+    from ..core.model import LoHaModel
 
     return model.model if isinstance(model, LoHaModel) else model
 
@@ -415,7 +415,7 @@ def _plan(
 # ------------------------------------------------------------------------------------------
 def _wrap(model: nn.Module, path: str, module: nn.Module) -> LoHaLayer:
     """The LoHa layer at ``path``, wrapping the base module if needed (returns it, not yet installed)."""
-    from ..model import LoHaModel
+    from ..core.model import LoHaModel
 
     if isinstance(module, LoHaLayer):
         return module
@@ -471,7 +471,7 @@ def load_kohya(
             keys without ``merge=True``, ambiguous names, an existing adapter name, or (strict) unused keys. Nothing is
             applied when it raises.
     """
-    from ..model import _check_adapter_name
+    from ..core.model import _check_adapter_name
 
     if not merge:
         _check_adapter_name(adapter_name)
@@ -496,7 +496,7 @@ def load_kohya(
             for p in planned
             if isinstance(m := _unwrap(models[p.prefix]).get_submodule(p.path), LoHaLayer) and adapter_name in m.hada_w1_a
         ]
-        from ..model import LoHaModel
+        from ..core.model import LoHaModel
 
         clash += [f"{prefix} (LoHaModel)" for prefix, m in models.items() if isinstance(m, LoHaModel) and adapter_name in m.peft_config]
         if clash:
@@ -544,7 +544,7 @@ def load_kohya(
 
 def _config_for(planned: list[_Planned], **extra: Any) -> "LoHaConfig":
     """A LoHaConfig describing these modules: most common r/alpha, exact-path patterns for the rest."""
-    from ..config import LoHaConfig
+    from ..core.config import LoHaConfig
 
     tucker = [p.path for p in planned if p.tucker]
     flat_k = [p.path for p in planned if not p.tucker and p.geometry.ndim > 0 and p.geometry.kernel_numel > 1]
@@ -563,7 +563,7 @@ def _config_for(planned: list[_Planned], **extra: Any) -> "LoHaConfig":
 
 def _register_in_loha_models(models: Mapping[str, nn.Module], planned: list[_Planned], adapter_name: str) -> None:
     """Make a LoHaModel given in ``models`` know the loaded adapter (peft_config, active adapters)."""
-    from ..model import LoHaModel
+    from ..core.model import LoHaModel
 
     for prefix, m in models.items():
         if not isinstance(m, LoHaModel):
@@ -631,7 +631,7 @@ def remove_kohya_adapter(models: Mapping[str, nn.Module], adapter_name: str | No
     Merged adapters are unmerged first, so the base weights come back as they were.
     Returns the number of layers touched.
     """
-    from ..model import LoHaModel
+    from ..core.model import LoHaModel
 
     touched = 0
     removed: set[str] = set()
@@ -802,7 +802,7 @@ def _check_output(caller: str, path: str | os.PathLike, metadata: Mapping[str, s
 
 def _write_kohya_file(sd: dict[str, torch.Tensor], path: str, meta: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
     """Write ``sd`` atomically with ``meta`` overridden by ``extra``; returns the metadata written."""
-    from ..io import save_state_dict
+    from ..core.io import save_state_dict
 
     meta = {**meta, **extra}
     save_state_dict(sd, path, meta)
@@ -855,7 +855,7 @@ def kohya_to_peft(
         strict: Raise if any key of the file is left out.
 
     Returns:
-        The written :class:`~lohakit.config.LoHaConfig` and a report (keys of other prefixes are unused).
+        The written :class:`~lohakit.core.config.LoHaConfig` and a report (keys of other prefixes are unused).
     """
     sd, metadata, label = read_kohya_file(path_or_state_dict)
     planned, unused, unmatched = _plan(
@@ -912,8 +912,8 @@ def peft_to_kohya(
     Returns:
         The metadata written.
     """
-    from ..config import LoHaConfig
-    from ..targets import rank_and_alpha
+    from ..core.config import LoHaConfig
+    from ..core.targets import rank_and_alpha
 
     out_path, extra = _check_output("peft_to_kohya", path, metadata)
     folder = os.fspath(peft_directory)

@@ -36,9 +36,9 @@ from typing import Any, Iterable, Mapping, Union
 import torch
 import torch.nn as nn
 
-from .. import functional as Fn
-from ..config import LoHaConfig
-from ..io import (
+from ..core import functional as Fn
+from ..core.config import LoHaConfig
+from ..core.io import (
     AdapterConfigError,
     AdapterNameError,
     AdapterNotFoundError,
@@ -48,9 +48,9 @@ from ..io import (
     StateDictMismatchError,
     load_state_dict,
 )
-from ..layers import LoHaLayer, geometry_of
-from ..model import LoHaModel, ModulesToSaveWrapper, _check_adapter_name
-from ..targets import pattern_key
+from ..core.layers import LoHaLayer, geometry_of
+from ..core.model import LoHaModel, ModulesToSaveWrapper, _check_adapter_name, register_adapter_store
+from ..core.targets import pattern_key
 
 logger = logging.getLogger(__name__)
 
@@ -754,3 +754,14 @@ def load_adapter(
         rollback.restore()
         raise
     logger.info("loaded LoHa adapter %r from %s (%d tensors)", adapter_name, source.origin, len(checked))
+
+
+class _PeftDirectoryStore:
+    """PEFT's directory format as the engine's :class:`~lohakit.core.model.AdapterStore`."""
+
+    save_pretrained = staticmethod(save_pretrained)
+    from_pretrained = staticmethod(from_pretrained)
+    load_adapter = staticmethod(load_adapter)
+
+
+register_adapter_store(_PeftDirectoryStore())

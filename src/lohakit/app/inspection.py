@@ -1,0 +1,177 @@
+"""``lohakit inspect``: what is inside a LoHa adapter, module by module, without building ΔW.
+
+Reads a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) or a
+kohya/LyCORIS ``.safetensors`` file; tensors are read through :func:`lohakit.core.io.load_state_dict` (never unpickled).
+
+The Frobenius norm of ΔW = s · (A1 B1) ⊙ (A2 B2) is computed through the factored form
+(BRIEF §2): ΔW = s · P Q with P = A1 ⊙_row A2 (out × r1·r2) and Q = B1 ⊙_col B2 (r1·r2 × in), so
+
+    ‖ΔW‖_F² = s² · trace((PᵀP)(QQᵀ)) = s² · Σ_ij (PᵀP)_ij (QQᵀ)_ij
+
+with two r²×r² Gram matrices: O((out + in)·r⁴) work, never the out×in matrix. For the Tucker
+form, branch i is W_i = a_iᵀ M_i with M_i[p, (c, k)] = Σ_q t_i[p, q, k] b_i[q, c] (r × in·k),
+which is the same structure with A_i = a_iᵀ and B_i = M_i.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.functional import HadaFactors, frobenius_norm
+from ..core.io import load_state_dict
+
+__all__ = ["inspect_adapter", "format_table", "factored_frobenius", "read_loha_modules"]
+
+_FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+_PEFT_PREFIX = "base_model.model."
+
+
+def factored_frobenius(f: dict[str, torch.Tensor], scale: float) -> float:
+    """‖ΔW‖_F from the factors (keys ``hada_w1_a`` …, optional ``hada_t1``/``hada_t2``), in float64.
+
+    Shapes: plain w1_a, w2_a (out, r), w1_b, w2_b (r, in·k); Tucker w1_a, w2_a (r, out),
+    w1_b, w2_b (r, in), t1, t2 (r, r, *k).
+    """
+    def get(k: str) -> torch.Tensor | None:
+        return f[k].detach().to(torch.float64) if k in f else None
+
+    tucker = "hada_t1" in f and "hada_t2" in f
+    factors = HadaFactors(
+        get("hada_w1_a"), get("hada_w1_b"), get("hada_w2_a"), get("hada_w2_b"),
+        get("hada_t1") if tucker else None, get("hada_t2") if tucker else None,
+    )
+    if not tucker:  # a kohya conv file may store w1_b as (r, in, *k): flatten
+        factors = factors._replace(w1b=factors.w1b.reshape(factors.w1b.shape[0], -1), w2b=factors.w2b.reshape(factors.w2b.shape[0], -1))
+    return abs(scale) * float(frobenius_norm(factors, 1.0))
+
+
+def _group(sd: dict[str, torch.Tensor], strip: str = "") -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor], list[str]]:
+    """(module -> {factor: tensor}, module -> alpha tensor, other keys)."""
+    mods: dict[str, dict[str, torch.Tensor]] = {}
+    alphas: dict[str, torch.Tensor] = {}
+    other: list[str] = []
+    for key, t in sd.items():
+        k = key[len(strip):] if strip and key.startswith(strip) else key
+        mod, _, leaf = k.rpartition(".")
+        if leaf in _FACTORS:
+            mods.setdefault(mod, {})[leaf] = t
+        elif leaf == "alpha" and t.numel() == 1:
+            alphas[mod] = t
+        else:
+            other.append(key)
+    return mods, alphas, other
+
+
+def read_loha_modules(path: str | os.PathLike) -> dict[str, Any]:
+    """Read an adapter: ``{"format", "path", "modules": {name: factors}, "alpha": {name: float|None}, "other_keys", "config"}``."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"adapter {str(p)!r} does not exist")
+    if p.is_dir():
+        cfg_file, st = p / "adapter_config.json", p / "adapter_model.safetensors"
+        if not cfg_file.is_file():
+            raise ValueError(f"{str(p)!r} is not a PEFT adapter directory (no adapter_config.json)")
+        if not st.is_file():
+            raise ValueError(f"PEFT adapter directory {str(p)!r} has no adapter_model.safetensors")
+        from ..core.config import LoHaConfig
+        from ..core.targets import rank_and_alpha
+
+        config = LoHaConfig.from_json_file(cfg_file)
+        mods, _, other = _group(load_state_dict(st), strip=_PEFT_PREFIX)
+        alpha = {m: float(rank_and_alpha(config, m)[1]) for m in mods}
+        return {"format": "peft", "path": str(p), "modules": mods, "alpha": alpha, "other_keys": other, "config": config.to_dict()}
+    if p.suffix.lower() != ".safetensors":
+        raise ValueError(f"adapter {str(p)!r}: expected a PEFT directory or a .safetensors file")
+    mods, alphas, other = _group(load_state_dict(p))
+    return {
+        "format": "kohya",
+        "path": str(p),
+        "modules": mods,
+        "alpha": {m: (float(alphas[m].float()) if m in alphas else None) for m in mods},
+        "other_keys": other,
+        "config": None,
+    }
+
+
+def _module_row(name: str, f: dict[str, torch.Tensor], alpha: float | None) -> dict[str, Any]:
+    missing = [k for k in _FACTORS[:4] if k not in f]
+    if missing:
+        raise ValueError(f"module {name!r}: factor(s) {missing} missing")
+    tucker = "hada_t1" in f and "hada_t2" in f
+    w1a, w1b, w2a = f["hada_w1_a"], f["hada_w1_b"], f["hada_w2_a"]
+    if tucker:
+        r1, r2 = w1a.shape[0], w2a.shape[0]
+        shape = [w1a.shape[1], w1b.shape[1], *f["hada_t1"].shape[2:]]
+    else:
+        r1, r2 = w1b.shape[0], f["hada_w2_b"].shape[0]
+        shape = [w1a.shape[0], *w1b.shape[1:]]
+    rank = r1
+    scale = alpha / rank if alpha is not None else 1.0
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in f.values()})
+    return {
+        "module": name,
+        "type": "conv-tucker" if tucker else "linear/flat",
+        "shape": shape,
+        "rank": rank if r1 == r2 else [r1, r2],
+        "alpha": alpha,
+        "scale": scale,
+        "params": sum(t.numel() for t in f.values()),
+        "delta_norm": factored_frobenius(f, scale),
+        "tucker": tucker,
+        "dtype": "/".join(dtypes),
+    }
+
+
+def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
+    """Per-module facts and totals of a LoHa adapter (see module docstring)."""
+    data = read_loha_modules(path)
+    if not data["modules"]:
+        raise ValueError(f"adapter {str(path)!r} holds no LoHa (hada_*) tensors")
+    rows = [_module_row(m, f, data["alpha"].get(m)) for m, f in sorted(data["modules"].items())]
+    totals = {
+        "modules": len(rows),
+        "params": sum(r["params"] for r in rows),
+        "tucker_modules": sum(r["tucker"] for r in rows),
+        "delta_norm": math.sqrt(sum(r["delta_norm"] ** 2 for r in rows)),
+        "other_keys": len(data["other_keys"]),
+    }
+    return {"format": data["format"], "path": data["path"], "modules": rows, "totals": totals}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A plain-text table of :func:`inspect_adapter`'s report."""
+    head = ["module", "type", "shape", "rank", "alpha", "scale", "params", "‖ΔW‖_F", "tucker", "dtype"]
+    body = [
+        [
+            r["module"],
+            r["type"],
+            "×".join(str(d) for d in r["shape"]),
+            str(r["rank"]),
+            "-" if r["alpha"] is None else f"{r['alpha']:g}",
+            f"{r['scale']:.4g}",
+            f"{r['params']:,}",
+            f"{r['delta_norm']:.4g}",
+            "yes" if r["tucker"] else "no",
+            r["dtype"],
+        ]
+        for r in report["modules"]
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(head)]
+    right = {3, 4, 5, 6, 7}
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    t = report["totals"]
+    out = [f"{report['format']} adapter: {report['path']}", line(head), line(["-" * w for w in widths])]
+    out += [line(row) for row in body]
+    out.append(
+        f"total: {t['modules']} modules, {t['params']:,} parameters, {t['tucker_modules']} Tucker, "
+        f"‖ΔW‖_F over all modules {t['delta_norm']:.4g}" + (f", {t['other_keys']} other tensors" if t["other_keys"] else "")
+    )
+    return "\n".join(out)

@@ -1,0 +1,254 @@
+"""The ``lohakit`` command: help and exit codes, inspect (‖ΔW‖_F through the factors), convert, merge.
+
+Tolerances: ‖ΔW‖_F from the factored form vs ``get_delta_weight().norm()`` in float32 factors,
+computed in float64: 1e-6 relative. Merged model outputs vs the unmerged LoHa model: float32,
+atol 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lohakit import LoHaConfig, LoHaModel
+from lohakit.app.cli import main
+from lohakit.app.inspection import factored_frobenius, inspect_adapter
+
+SUBCOMMANDS = ["train", "demo", "inspect", "convert", "merge"]
+
+
+@pytest.mark.parametrize("argv", [["--help"], *[[c, "--help"] for c in SUBCOMMANDS]])
+def test_help_exits_0(argv, capsys):
+    assert main(argv) == 0
+    assert "usage: lohakit" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        ([], ["COMMAND"]),
+        (["frobnicate"], ["invalid choice", "frobnicate"]),
+        (["convert", "a", "b"], ["--to"]),
+        (["convert", "a", "b", "--to", "onnx"], ["onnx"]),
+        (["merge", "--base", "x"], ["--adapter", "--out"]),
+        (["inspect"], ["path"]),
+    ],
+)
+def test_bad_usage_exits_2_with_one_line(argv, words, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    if argv:
+        assert len(err.strip().splitlines()) == 1, err
+    for w in words:
+        assert w in err
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("lohakit ")
+
+
+def test_python_dash_m_one_line_error_and_debug_traceback():
+    r = subprocess.run([sys.executable, "-m", "lohakit", "inspect", "/no/such/adapter"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "/no/such/adapter" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "lohakit", "--debug", "inspect", "/no/such/adapter"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# inspect
+# ------------------------------------------------------------------------------------------
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(12, 10)
+        self.conv = nn.Conv2d(4, 6, 3, padding=1)
+        self.tconv = nn.Conv2d(6, 5, 3, padding=1)
+        self.pw = nn.Conv1d(5, 7, 1)
+
+
+def _adapted(tucker: bool) -> LoHaModel:
+    torch.manual_seed(0)
+    cfg = LoHaConfig(r=3, alpha=5, init_weights=False, use_effective_conv2d=tucker, target_modules=["lin", "conv", "tconv", "pw"],
+                     rank_pattern={"^lin$": 2}, alpha_pattern={"^pw$": 1.5})
+    return LoHaModel(Net(), cfg)
+
+
+@pytest.mark.parametrize("tucker", [False, True])
+def test_inspect_peft_dir_norms_match_materialised(tucker, tmp_path, capsys):
+    m = _adapted(tucker)
+    m.save_pretrained(str(tmp_path / "a"))
+    rep = inspect_adapter(tmp_path / "a")
+    rows = {r["module"]: r for r in rep["modules"]}
+    assert set(rows) == {"lin", "conv", "tconv", "pw"}
+    for path, layer in m.loha_layers():
+        r = rows[path]
+        expected = layer.get_delta_weight("default").double().norm().item()
+        assert r["delta_norm"] == pytest.approx(expected, rel=1e-6), path
+        assert r["rank"] == layer.r["default"] and r["alpha"] == pytest.approx(layer.alpha["default"])
+        assert r["scale"] == pytest.approx(layer.scaling["default"])
+        assert r["params"] == sum(getattr(layer, n)["default"].numel() for n in layer.adapter_layer_names if "default" in getattr(layer, n))
+        assert r["dtype"] == "float32"
+    assert rows["lin"]["shape"] == [10, 12] and rows["lin"]["rank"] == 2 and rows["pw"]["alpha"] == 1.5
+    assert rows["tconv"]["tucker"] is tucker and rows["lin"]["tucker"] is False
+    if tucker:
+        assert rows["tconv"]["shape"] == [5, 6, 3, 3]
+    assert rep["totals"]["params"] == sum(r["params"] for r in rows.values())
+    assert main(["inspect", str(tmp_path / "a")]) == 0
+    table = capsys.readouterr().out
+    assert "‖ΔW‖_F" in table and "total: 4 modules" in table
+    assert main(["inspect", "--json", str(tmp_path / "a")]) == 0
+    assert json.loads(capsys.readouterr().out)["totals"]["modules"] == 4
+
+
+def test_factored_frobenius_never_needs_big_matrix_and_is_exact_in_float64():
+    torch.manual_seed(1)
+    f = {"hada_w1_a": torch.randn(50, 4, dtype=torch.float64), "hada_w1_b": torch.randn(4, 70, dtype=torch.float64),
+         "hada_w2_a": torch.randn(50, 3, dtype=torch.float64), "hada_w2_b": torch.randn(3, 70, dtype=torch.float64)}
+    dw = 0.7 * (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])
+    assert factored_frobenius(f, 0.7) == pytest.approx(dw.norm().item(), rel=1e-12)
+
+
+def test_inspect_kohya_file(tmp_path, capsys):
+    m = _adapted(True)
+    m.save_pretrained(str(tmp_path / "a"))
+    assert main(["convert", str(tmp_path / "a"), str(tmp_path / "k.safetensors"), "--to", "kohya", "--prefix", "lora_te"]) == 0
+    rep = inspect_adapter(tmp_path / "k.safetensors")
+    peft_rep = inspect_adapter(tmp_path / "a")
+    assert rep["format"] == "kohya"
+    by_norm = sorted(r["delta_norm"] for r in rep["modules"])
+    assert by_norm == pytest.approx(sorted(r["delta_norm"] for r in peft_rep["modules"]), rel=2e-3)  # fp16 storage
+    assert {r["dtype"] for r in rep["modules"]} == {"float16"}
+    assert all(r["module"].startswith("lora_te_") for r in rep["modules"])
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda d: d / "missing", ["does not exist"]),
+        (lambda d: (d / "e").mkdir() or d / "e", ["no adapter_config.json"]),
+        (lambda d: (d.joinpath("x.bin").write_bytes(b"\x80\x04K."), d / "x.bin")[1], ["expected a PEFT directory"]),
+        (lambda d: (d.joinpath("bad.safetensors").write_bytes(b"\x00" * 40), d / "bad.safetensors")[1], ["bad.safetensors", "not a valid safetensors"]),
+    ],
+)
+def test_inspect_bad_paths(make, words, tmp_path, capsys):
+    p = make(tmp_path)
+    assert main(["inspect", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    for w in words:
+        assert w in err
+
+
+# ------------------------------------------------------------------------------------------
+# convert
+# ------------------------------------------------------------------------------------------
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 6)
+        self.b = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_convert_to_lora_is_exact_and_rank_compresses(tmp_path, capsys):
+    import peft
+
+    torch.manual_seed(0)
+    m = LoHaModel(Tiny(), LoHaConfig(r=2, alpha=3, init_weights=False, target_modules=["a", "b"]))
+    m.save_pretrained(str(tmp_path / "loha"))
+    x = torch.randn(5, 8)
+    want = m(x)
+    assert main(["convert", str(tmp_path / "loha"), str(tmp_path / "lora"), "--to", "lora"]) == 0
+    assert "exact" in capsys.readouterr().out
+    base = Tiny()
+    base.load_state_dict({k.replace("base_layer.", ""): v for k, v in m.model.state_dict().items() if "hada" not in k})
+    lora = peft.PeftModel.from_pretrained(base, str(tmp_path / "lora"))
+    torch.testing.assert_close(lora(x), want, rtol=1e-5, atol=1e-6)
+    assert main(["convert", str(tmp_path / "loha"), str(tmp_path / "lora2"), "--to", "lora", "--rank", "1"]) == 0
+    assert "worst relative error" in capsys.readouterr().out
+    # existing output: refused, untouched
+    before = (tmp_path / "lora" / "adapter_model.safetensors").read_bytes()
+    assert main(["convert", str(tmp_path / "loha"), str(tmp_path / "lora"), "--to", "lora"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "lora" / "adapter_model.safetensors").read_bytes() == before
+
+
+@pytest.fixture(scope="module")
+def llama_and_adapter(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("merge")
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    base.save_pretrained(str(d / "base"))
+    m = LoHaModel(base, LoHaConfig(r=2, alpha=4, init_weights=False, target_modules=["q_proj", "v_proj", "down_proj"]))
+    m.save_pretrained(str(d / "adapter"))
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        hidden = m.model.model(input_ids=ids).last_hidden_state
+        logits = m(input_ids=ids).logits
+    return d, ids, hidden, logits
+
+
+def test_convert_kohya_round_trip_through_peft(llama_and_adapter, tmp_path, capsys):
+    d, ids, _, logits = llama_and_adapter
+    k = tmp_path / "k.safetensors"
+    assert main(["convert", str(d / "adapter"), str(k), "--to", "kohya", "--prefix", "lora_te"]) == 0
+    assert main(["convert", str(k), str(tmp_path / "p"), "--to", "peft", "--prefix", "lora_te", "--base", str(d / "base")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    back = LoHaModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(d / "base")), str(tmp_path / "p"))
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, logits, rtol=1e-2, atol=1e-3)  # fp16 kohya storage
+    assert main(["convert", str(k), str(tmp_path / "p2"), "--to", "peft"]) == 2
+    assert "--base" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# merge
+# ------------------------------------------------------------------------------------------
+def test_merge_writes_sharded_dir_loadable_with_automodel(llama_and_adapter, tmp_path, capsys):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    d, ids, hidden, logits = llama_and_adapter
+    out = tmp_path / "merged"
+    assert main(["merge", "--base", str(d / "base"), "--adapter", str(d / "adapter"), "--out", str(out), "--max-shard-size", "60KB"]) == 0
+    assert "merged 6 modules" in capsys.readouterr().out
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModel.from_pretrained(str(out))(input_ids=ids).last_hidden_state, hidden, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(str(out))(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-5)
+    # an existing output is refused and left as it was
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["merge", "--base", str(d / "base"), "--adapter", str(d / "adapter"), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main(["merge", "--base", str(d / "base"), "--adapter", str(d / "adapter"), "--out", str(out), "--overwrite"]) == 0
+    assert len(list(out.glob("*.safetensors"))) == 1  # default shard size: one file
+
+
+@pytest.mark.parametrize(
+    "which, words",
+    [("adapter", ["adapter", "does not exist"]), ("base", ["base model directory", "does not exist"])],
+)
+def test_merge_bad_paths(which, words, llama_and_adapter, tmp_path, capsys):
+    d, *_ = llama_and_adapter
+    base, adapter = str(d / "base"), str(d / "adapter")
+    if which == "adapter":
+        adapter = str(tmp_path / "nope")
+    else:
+        base = str(tmp_path / "nope")
+    assert main(["merge", "--base", base, "--adapter", adapter, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and all(w in err for w in words)
+    assert not (tmp_path / "o").exists()

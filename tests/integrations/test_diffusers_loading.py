@@ -1,0 +1,216 @@
+"""LoHa files into diffusers pipelines: SD1 (diffusers names) and SDXL (SGM names, te1/te2).
+
+Pipelines are tiny objects with real diffusers UNet2DConditionModel and transformers CLIP text
+encoders (tiny configs). Tolerance: float32 outputs within 1e-5.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lohakit import LoHaConfig, LoHaLayer, LoHaModel
+from lohakit.diffusers import (
+    load_loha_weights,
+    save_loha_weights,
+    set_loha_scale,
+    sgm_unet_names,
+    unload_loha_weights,
+)
+
+from helpers.kohya_reference import apply_reference
+from helpers.models import pipe_outputs, same_state, sd1_pipe, sdxl_pipe, sdxl_unet, state_of
+
+ATOL = 1e-5
+
+
+def _assert_outputs(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
+
+
+def _adapt(pipe, tucker: bool = False) -> None:
+    """Random LoHa adapters on every model of the pipeline (in place, through LoHaModel)."""
+    LoHaModel(pipe.unet, LoHaConfig(
+        r=2, alpha=3, init_weights=False, use_effective_conv2d=tucker,
+        target_modules=r".*(to_q|to_k|to_out\.0|proj_in|ff\.net\.2|conv1|conv2|conv_shortcut|time_emb_proj|downsamplers\.0\.conv|upsamplers\.0\.conv|conv_in|conv_out|linear_1|linear_2)",
+    ))
+    for name in ("text_encoder", "text_encoder_2"):
+        te = getattr(pipe, name, None)
+        if te is not None:
+            LoHaModel(te, LoHaConfig(r=3, alpha=1.5, init_weights=False, target_modules=["q_proj", "v_proj", "fc1"]))
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    return sd1_pipe()
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return sdxl_pipe()
+
+
+@pytest.fixture(scope="module")
+def sd1_file(tmp_path_factory, sd1):
+    adapted = copy.deepcopy(sd1)
+    _adapt(adapted, tucker=True)
+    path = str(tmp_path_factory.mktemp("sd1") / "sd1.safetensors")
+    save_loha_weights(adapted, path, dtype=torch.float32)
+    return path, pipe_outputs(adapted)
+
+
+@pytest.fixture(scope="module")
+def sdxl_file(tmp_path_factory, sdxl):
+    adapted = copy.deepcopy(sdxl)
+    _adapt(adapted)
+    path = str(tmp_path_factory.mktemp("sdxl") / "sdxl.safetensors")
+    save_loha_weights(adapted, path, dtype=torch.float32)
+    return path, pipe_outputs(adapted), adapted
+
+
+def test_sd1_load_scale_fuse_unload(sd1, sd1_file):
+    path, want = sd1_file
+    sd = load_file(path)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in sd)
+    assert any(k.startswith("lora_unet_down_blocks_0_resnets_0_conv1.hada_t1") for k in sd)
+
+    pipe = copy.deepcopy(sd1)
+    base = pipe_outputs(pipe)
+    before = state_of(pipe.unet, pipe.text_encoder)
+    report = load_loha_weights(pipe, path)
+    assert not report.unused_keys and report.metadata["ss_base_model_version"] == "sd_v1"
+    _assert_outputs(pipe_outputs(pipe), want)
+
+    # independent reference at scale 0.5: W += 0.5·(alpha/r)·(w1a@w1b ⊙ w2a@w2b)
+    ref = copy.deepcopy(sd1)
+    mods = {n: (ref.unet if t.startswith("lora_unet:") else ref.text_encoder).get_submodule(t.split(":", 1)[1])
+            for n, t in report.matched.items()}
+    apply_reference(sd, mods, 0.5)
+    set_loha_scale(pipe, 0.5)
+    _assert_outputs(pipe_outputs(pipe), pipe_outputs(ref))
+
+    # fuse at load time: same outputs, and unload brings the weights back
+    unload_loha_weights(pipe)
+    assert same_state(state_of(pipe.unet, pipe.text_encoder), before)
+    _assert_outputs(pipe_outputs(pipe), base)
+    load_loha_weights(pipe, path, adapter_name="fused", scale=0.5, fuse=True)
+    assert any(isinstance(m, LoHaLayer) and m.merged for m in pipe.unet.modules())
+    _assert_outputs(pipe_outputs(pipe), pipe_outputs(ref))
+    set_loha_scale(pipe, 1.0, adapter_name="fused")
+    _assert_outputs(pipe_outputs(pipe), want)
+    unload_loha_weights(pipe, "fused")
+    assert not any(isinstance(m, LoHaLayer) for m in pipe.unet.modules())
+    _assert_outputs(pipe_outputs(pipe), base)
+    with pytest.raises(ValueError, match="no LoHa adapter 'fused'"):
+        unload_loha_weights(pipe, "fused")
+
+
+def test_sdxl_sgm_names_te1_te2(sdxl, sdxl_file):
+    path, want, _ = sdxl_file
+    keys = {k.partition(".")[0] for k in load_file(path)}
+    for expected in (
+        "lora_unet_input_blocks_0_0",  # conv_in
+        "lora_unet_input_blocks_1_0_in_layers_2",  # down_blocks.0.resnets.0.conv1
+        "lora_unet_input_blocks_2_0_op",  # down_blocks.0.downsamplers.0.conv
+        "lora_unet_input_blocks_3_1_transformer_blocks_1_attn1_to_q",
+        "lora_unet_middle_block_1_proj_in",
+        "lora_unet_output_blocks_1_2_conv",  # up_blocks.0.upsamplers.0.conv
+        "lora_unet_time_embed_0",
+        "lora_unet_label_emb_0_0",
+        "lora_unet_out_2",
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",  # transformers 5 dropped text_model: legacy name kept
+        "lora_te2_text_model_encoder_layers_1_mlp_fc1",
+    ):
+        assert expected in keys, expected
+    assert not any("down_blocks" in k or k.startswith("lora_te_") for k in keys)
+
+    pipe = copy.deepcopy(sdxl)
+    report = load_loha_weights(pipe, path)
+    assert not report.unused_keys and report.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert report.matched["lora_unet_input_blocks_2_0_op"] == "lora_unet:down_blocks.0.downsamplers.0.conv"
+    _assert_outputs(pipe_outputs(pipe), want)
+    unload_loha_weights(pipe)
+    _assert_outputs(pipe_outputs(pipe), pipe_outputs(sdxl))
+
+
+def test_sgm_table_agrees_with_diffusers_converter():
+    """Our SGM names, fed to diffusers' own SGM→diffusers LoRA key conversion, give back our module paths."""
+    from diffusers.loaders.lora_conversion_utils import _convert_unet_lora_key, _maybe_map_sgm_blocks_to_diffusers
+
+    unet = sdxl_unet()
+    table = sgm_unet_names(unet)
+    assert len(table) == len(set(table.values())) > 50
+    for name, path in table.items():
+        key = f"{name}.lora_down.weight"
+        mapped = next(iter(_maybe_map_sgm_blocks_to_diffusers({key: torch.zeros(1)}, unet.config)))
+        d = _convert_unet_lora_key(mapped).replace(".processor", "")
+        for a in "qkv":
+            d = d.replace(f"to_{a}_lora", f"to_{a}.lora")
+        d = d.replace("to_out_lora", "to_out.0.lora")
+        assert d == f"{path}.lora.down.weight", (name, d, path)
+
+
+def test_wrong_family_files_are_refused(sd1, sdxl, sd1_file, sdxl_file):
+    pipe = copy.deepcopy(sd1)
+    before = state_of(pipe.unet, pipe.text_encoder)
+    with pytest.raises(ValueError, match="this file is for SDXL .* pipeline is SD 1.x/2.x"):
+        load_loha_weights(pipe, sdxl_file[0])
+    assert same_state(state_of(pipe.unet, pipe.text_encoder), before)
+
+    xl = copy.deepcopy(sdxl)
+    before = state_of(xl.unet, xl.text_encoder, xl.text_encoder_2)
+    with pytest.raises(ValueError, match="this file is for SD 1.x/2.x .* pipeline is SDXL"):
+        load_loha_weights(xl, sd1_file[0])
+    assert same_state(state_of(xl.unet, xl.text_encoder, xl.text_encoder_2), before)
+
+
+def test_shape_mismatch_names_key_and_module(sd1, sd1_file, tmp_path):
+    """An SD1-named file whose shapes do not fit (e.g. an SD2 file into SD1): error, pipeline untouched."""
+    from safetensors.torch import save_file
+
+    sd = load_file(sd1_file[0])
+    k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.hada_w1_b"
+    sd[k] = torch.zeros(2, 48)  # cross_attention_dim 48 instead of 32
+    bad = str(tmp_path / "bad.safetensors")
+    save_file(sd, bad)
+    pipe = copy.deepcopy(sd1)
+    before = state_of(pipe.unet, pipe.text_encoder)
+    with pytest.raises(ValueError, match=r"bad\.safetensors: kohya key .*attn2_to_k.hada_w1_b: shape \(2, 48\) does not fit module 'down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k'"):
+        load_loha_weights(pipe, bad)
+    assert same_state(state_of(pipe.unet, pipe.text_encoder), before)
+    with pytest.raises(TypeError, match="no `unet`"):
+        load_loha_weights(object(), sd1_file[0])
+
+
+def test_sdxl_exact_lora_export_loads_in_diffusers(tmp_path, sdxl, sdxl_file):
+    """The exact LoRA export with SGM names, through diffusers' SDXL load_lora_weights: same UNet output.
+
+    This also checks our SGM names end to end against diffusers' own SDXL key conversion.
+    """
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+
+    from lohakit.diffusers import save_loha_as_lora
+
+    _, want, adapted = sdxl_file
+    path = str(tmp_path / "xl_lora.safetensors")
+    errors = save_loha_as_lora(adapted, path, dtype=torch.float32)
+    assert "lora_unet_input_blocks_2_0_op" in errors and max(errors.values()) == 0.0
+    assert any(k.startswith("lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k.lora_down") for k in load_file(path))
+
+    class TinyXL(StableDiffusionXLLoraLoaderMixin):
+        hf_device_map = None
+
+        def __init__(self, p):
+            self.unet, self.text_encoder, self.text_encoder_2 = p.unet, p.text_encoder, p.text_encoder_2
+
+        @property
+        def components(self):
+            return {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+
+    pipe = copy.deepcopy(sdxl)
+    TinyXL(pipe).load_lora_weights(path)
+    torch.testing.assert_close(pipe_outputs(pipe)[0], want[0], atol=ATOL, rtol=0)
