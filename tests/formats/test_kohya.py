@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lohakit import LoHaConfig, LoHaLayer, LoHaModel
+from lohakit.core.io import LoHaFormatError
 from lohakit.formats.kohya import (
     kohya_to_peft,
     load_kohya,
@@ -273,13 +274,14 @@ def test_plain_lora_keys_are_reported_not_fatal(tmp_path, sd1_models):
                f"{name}.alpha": torch.tensor(4.0), "lora_unet_no_such_module.hada_w1_a": torch.zeros(2, 2),
                "lora_unet_no_such_module.hada_w1_b": torch.zeros(2, 2)})
     unet = copy.deepcopy(unet0)
-    rep = load_kohya(sd, {"lora_unet": unet})
+    with pytest.warns(UserWarning, match=r"1 LoHa module\(s\) of the file match no module.*lora_unet_no_such_module"):
+        rep = load_kohya(sd, {"lora_unet": unet}, strict=False)
     assert f"{name}.lora_down.weight" in rep.unused_keys and f"{name}.alpha" in rep.unused_keys
     assert rep.unmatched_modules == ["lora_unet_no_such_module"]
     unet2 = copy.deepcopy(unet0)
     before = state_of(unet2)
-    with pytest.raises(ValueError, match="strict=True"):
-        load_kohya(sd, {"lora_unet": unet2}, strict=True)
+    with pytest.raises(LoHaFormatError, match=r"no module of the models.*nearest names.*3 key\(s\) are not LoHa tensors.*strict=False"):
+        load_kohya(sd, {"lora_unet": unet2})  # strict by default: no silent partial loads
     assert same_state(state_of(unet2), before)
 
 
@@ -310,7 +312,7 @@ def _bad(sd: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
 
 
 BAD = {
-    "unknown_layout": "no LoHa module found",
+    "unknown_layout": "none of the file's 34 LoHa modules matches",
     "wrong_shape": r"hada_w1_a: shape \(31, 3\) does not fit module 'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q'",
     "alpha_shape": r"attn1_to_q.alpha: expected a 0-dim tensor, got shape \(3\)",
     "missing_key": r"missing key\(s\) \['lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.hada_w2_b'\]",

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from ..core import functional as Fn
+from ..core.io import LoHaFormatError
 from ..core.functional import Geometry, HadaFactors
 from ..core.layers import ADAPTER_PARAM_NAMES, LoHaLayer, geometry_of
 from .peft import ADAPTER_CONFIG_NAME, KEY_PREFIX, SAFETENSORS_WEIGHTS_NAME, peft_config_dict, write_adapter_dirs
@@ -96,63 +97,125 @@ def _adaptable_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
             yield path, m
 
 
-#: Model classes whose kohya names carry a path level that newer library versions dropped:
-#: transformers 5 removed ``text_model`` from CLIPTextModel, but every SD file names its text
-#: encoder modules ``lora_te_text_model_encoder_…``. Such models answer to both names and are
-#: saved under the legacy one.
-_LEGACY_PATH_PREFIX: dict[str, tuple[str, str]] = {"CLIPTextModel": ("text_model", "text_model.")}
+#: Text-encoder prefixes outside a known family: prefix -> diffusers-style dotted prefix.
+_DEFAULT_TE_DOTTED = {"lora_te": "text_encoder.", "lora_te1": "text_encoder.", "lora_te2": "text_encoder_2.", "lora_te3": "text_encoder_3."}
 
 
 def legacy_path_prefix(model: nn.Module) -> str:
-    """The path prefix kohya files use for ``model`` (or a LoHaModel's wrapped model) but its module tree lacks (usually "")."""
+    """The path prefix kohya files use for ``model``'s modules but its module tree lacks (usually "").
+
+    transformers 5 removed ``text_model`` from CLIPTextModel; files (and ComfyUI, A1111) keep it.
+    """
+    from .families import CLIP_TEXT_MODEL_LEVEL
+
     model = _unwrap(model)
-    rule = _LEGACY_PATH_PREFIX.get(type(model).__name__)
-    if rule is None or hasattr(model, rule[0]):
-        return ""
-    return rule[1]
+    if type(model).__name__ == "CLIPTextModel" and not hasattr(model, "text_model"):
+        return CLIP_TEXT_MODEL_LEVEL
+    return ""
+
+
+def _denoiser_class(models: Mapping[str, nn.Module]) -> str:
+    """Class name of the first model of a known family among ``models``."""
+    from .families import family_of_model
+
+    return next((type(_unwrap(m)).__name__ for m in models.values() if family_of_model(_unwrap(m)) is not None), "?")
+
+
+def _family_context(models: Mapping[str, nn.Module]) -> Any:
+    """The family of the first denoiser among ``models`` (None when there is none)."""
+    from .families import family_of_model
+
+    for m in models.values():
+        fam = family_of_model(_unwrap(m))
+        if fam is not None:
+            return fam
+    return None
+
+
+def _is_text_encoder_prefix(prefix: str) -> bool:
+    return prefix.startswith("lora_te")
 
 
 def export_name(prefix: str, path: str, model: nn.Module | None = None, names: Mapping[str, str] | None = None) -> str:
     """The kohya name a module is written under.
 
+    Text-encoder prefixes (``lora_te*``) write CLIP modules with the ``text_model`` level whether
+    or not the model is given and whatever the transformers version (``lora_te_text_model_encoder_
+    layers_0_self_attn_q_proj``: the names ComfyUI and A1111 map). A known family's denoiser is
+    written under the names its runtimes map (see :mod:`lohakit.formats.families`).
+
     Args:
         prefix: kohya prefix of the model (``lora_unet``, ``lora_te``, …).
         path: Module path relative to the (unwrapped) model.
-        model: The model, for its legacy path prefix (see :func:`legacy_path_prefix`); None: no prefix.
+        model: The model (its family picks the denoiser names); None: the plain rule.
         names: ``{module path: kohya name}`` overrides (e.g. SDXL's SGM names); an override wins.
     """
+    from .families import family_of_model, save_names, text_encoder_save_path
+
     override = (names or {}).get(path)
     if override:
         return override
+    if _is_text_encoder_prefix(prefix):
+        return kohya_name(prefix, text_encoder_save_path(path))
+    if model is not None and prefix == "lora_unet":
+        fam = family_of_model(_unwrap(model))
+        if fam is not None:
+            return save_names(fam, _unwrap(model), [path])[path]
     return kohya_name(prefix, (legacy_path_prefix(model) if model is not None else "") + path)
 
 
 def kohya_name_table(
     models: Mapping[str, nn.Module], name_tables: NameTables | None = None
-) -> dict[str, list[tuple[str, str]]]:
-    """Every kohya module name the models answer to.
+) -> dict[str, list[tuple[str, Any]]]:
+    """Every file module name the models answer to.
+
+    A model of a known family (:mod:`lohakit.formats.families`) answers to every naming its
+    runtimes accept (kohya on the original and the diffusers tree, ``lycoris_``,
+    ``lora_transformer_``, ``transformer.`` / ``unet.``, ``diffusion_model.``, bare keys);
+    fused original modules map to a :class:`~lohakit.formats.families.Split`. Text encoders
+    answer to their kohya prefixes (with and without CLIP's ``text_model`` level) and the
+    family's ``text_encoder(_2|_3).`` names. Any model answers to ``kohya_name(prefix, path)``.
 
     Args:
         models: prefix -> model.
-        name_tables: Extra names per prefix (``{kohya name: module path}``), e.g. SGM block names.
+        name_tables: Extra names per prefix (``{name: module path or Split}``).
 
     Returns:
-        kohya name -> list of (prefix, module path); more than one entry means the lossy name
-        rule collides for that name (reported when a file uses it).
+        name -> list of (prefix, target); more than one distinct entry means the name is
+        ambiguous (reported when a file uses it).
     """
-    table: dict[str, list[tuple[str, str]]] = {}
+    from .families import family_of_model, module_names, text_encoder_names, TextEncoderSlot
+
+    context = _family_context(models)
+    table: dict[str, list[tuple[str, Any]]] = {}
+
+    def add(name: str, prefix: str, target: Any) -> None:
+        hits = table.setdefault(name, [])
+        if (prefix, target) not in hits:
+            hits.append((prefix, target))
+
     for prefix, model in models.items():
         model = _unwrap(model)
-        legacy = legacy_path_prefix(model)
-        paths = set()
-        for path, _ in _adaptable_modules(model):
-            paths.add(path)
-            table.setdefault(kohya_name(prefix, path), []).append((prefix, path))
-            if legacy:
-                table.setdefault(kohya_name(prefix, legacy + path), []).append((prefix, path))
-        for name, path in (name_tables or {}).get(prefix, {}).items():
-            if path in paths and (prefix, path) not in table.get(name, []):
-                table.setdefault(name, []).append((prefix, path))
+        paths = [path for path, _ in _adaptable_modules(model)]
+        fam = family_of_model(model)
+        if fam is not None:
+            for name, targets in module_names(fam, model, paths).items():
+                for t in targets:
+                    add(name, prefix, t)
+            for path in paths:
+                add(kohya_name(prefix, path), prefix, path)
+        else:
+            slot = context.slot_for(prefix) if context is not None else None
+            if slot is None and prefix in _DEFAULT_TE_DOTTED:
+                slot = TextEncoderSlot(prefix, (prefix,), (_DEFAULT_TE_DOTTED[prefix],))
+            for path in paths:
+                for name in text_encoder_names(slot, prefix, path):
+                    add(name, prefix, path)
+        have = set(paths)
+        for name, target in (name_tables or {}).get(prefix, {}).items():
+            needed = getattr(target, "paths", (target,))
+            if all(p in have for p in needed):
+                add(name, prefix, target)
     return table
 
 
@@ -183,17 +246,18 @@ def read_kohya_file(path_or_state_dict: StateDictOrPath) -> tuple[dict[str, torc
             metadata = dict(fh.metadata() or {})
             sd = {k: fh.get_tensor(k) for k in fh.keys()}
     except SafetensorError as e:
-        raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
+        raise LoHaFormatError(f"{path}: not a valid safetensors file ({e})") from None
     return sd, metadata, path
 
 
 def _group_keys(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
-    """Split ``name.param`` keys into LoHa modules; keys of anything else (LoRA, norms) are returned apart."""
+    """Split ``name.param`` keys (``param`` after the last dot) into LoHa modules; keys of anything else
+    (LoRA, norms) are returned apart."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     other: list[str] = []
     for key, t in sd.items():
-        name, dot, param = key.partition(".")
-        if dot and param in LOHA_PARAMS:
+        name, dot, param = key.rpartition(".")
+        if dot and name and param in LOHA_PARAMS:
             groups.setdefault(name, {})[param] = t
         else:
             other.append(key)
@@ -258,28 +322,28 @@ def _plan_module(
     """Validate one file module against its target and convert it to lohakit's layout."""
     missing = [p for p in _REQUIRED if p not in g]
     if missing:
-        raise ValueError(f"kohya module {name!r}: missing key(s) {[f'{name}.{p}' for p in missing]}")
+        raise LoHaFormatError(f"kohya module {name!r}: missing key(s) {[f'{name}.{p}' for p in missing]}")
     base = module.base_layer if isinstance(module, LoHaLayer) else module
     geom = geometry_of(base)
     if geom is None:  # pragma: no cover - the name table only lists adaptable modules
-        raise ValueError(f"kohya module {name!r} targets {path!r} of type {type(base).__name__}, which LoHa cannot adapt")
+        raise LoHaFormatError(f"kohya module {name!r} targets {path!r} of type {type(base).__name__}, which LoHa cannot adapt")
     w1a, w1b, w2a, w2b = (g[p] for p in _REQUIRED)
     for p in _REQUIRED:
         if g[p].ndim != 2 or not g[p].is_floating_point():
-            raise ValueError(f"kohya key {name}.{p}: expected a 2-D float tensor, got shape {_fmt(g[p].shape)} {g[p].dtype}")
+            raise LoHaFormatError(f"kohya key {name}.{p}: expected a 2-D float tensor, got shape {_fmt(g[p].shape)} {g[p].dtype}")
     r = int(w1b.shape[0])
     if int(w2b.shape[0]) != r:
-        raise ValueError(
+        raise LoHaFormatError(
             f"kohya module {name!r}: branch ranks differ (hada_w1_b has {r} rows, hada_w2_b {int(w2b.shape[0])}); "
             "lohakit needs equal ranks"
         )
     if r == 0:
-        raise ValueError(f"kohya module {name!r}: rank 0 (hada_w1_b has shape {_fmt(w1b.shape)})")
+        raise LoHaFormatError(f"kohya module {name!r}: rank 0 (hada_w1_b has shape {_fmt(w1b.shape)})")
     has_t1, has_t2 = "hada_t1" in g, "hada_t2" in g
     if has_t2 and not has_t1:
-        raise ValueError(f"kohya module {name!r}: has {name}.hada_t2 but no {name}.hada_t1")
+        raise LoHaFormatError(f"kohya module {name!r}: has {name}.hada_t2 but no {name}.hada_t1")
     if has_t1 and not has_t2 and not tucker_t1_for_both:
-        raise ValueError(
+        raise LoHaFormatError(
             f"kohya module {name!r}: has {name}.hada_t1 but no {name}.hada_t2; "
             "files from LyCORIS <= 1.9.0 used t1 for both branches: pass tucker_t1_for_both=True"
         )
@@ -288,12 +352,12 @@ def _plan_module(
     t2 = t1 if tucker_t1_for_both else g.get("hada_t2")
     k = geom.kernel_size
     if tucker and geom.ndim == 0:
-        raise ValueError(f"kohya module {name!r}: Tucker cores (hada_t1/hada_t2) on {path!r}, a linear layer")
+        raise LoHaFormatError(f"kohya module {name!r}: Tucker cores (hada_t1/hada_t2) on {path!r}, a linear layer")
     if tucker:
         for pn, t in (("hada_t1", t1), ("hada_t2", t2)):
             ok_shapes = [(r, r, *k)] + ([(r, r, *k, 1)] if geom.ndim == 1 else [])
             if tuple(t.shape) not in ok_shapes or not t.is_floating_point():
-                raise ValueError(
+                raise LoHaFormatError(
                     f"kohya key {name}.{pn}: shape {_fmt(t.shape)} does not fit {path!r} "
                     f"(kernel {_fmt(k)}); expected {' or '.join(_fmt(s) for s in ok_shapes)}"
                 )
@@ -302,7 +366,7 @@ def _plan_module(
     expected = Fn.factor_shapes(geom, r, tucker, conv1d_core_4d=False)
     for p in _REQUIRED:
         if tuple(g[p].shape) != tuple(expected[p]):
-            raise ValueError(
+            raise LoHaFormatError(
                 f"kohya key {name}.{p}: shape {_fmt(g[p].shape)} does not fit module {path!r} "
                 f"({type(base).__name__} {_fmt(geom.weight_shape)}); expected {_fmt(expected[p])} for rank {r}"
                 + (" (Tucker layout)" if tucker else "")
@@ -310,10 +374,10 @@ def _plan_module(
     if "alpha" in g:
         a = g["alpha"]
         if a.numel() != 1 or a.ndim > 1:
-            raise ValueError(f"kohya key {name}.alpha: expected a 0-dim tensor, got shape {_fmt(a.shape)}")
+            raise LoHaFormatError(f"kohya key {name}.alpha: expected a 0-dim tensor, got shape {_fmt(a.shape)}")
         alpha = float(a.reshape(()).float())
         if not math.isfinite(alpha):
-            raise ValueError(f"kohya key {name}.alpha: not finite ({alpha})")
+            raise LoHaFormatError(f"kohya key {name}.alpha: not finite ({alpha})")
     else:
         alpha = float(r)  # scale 1, as ComfyUI/A1111 do when alpha is absent
     f32 = [x.detach().to(torch.float32) for x in (w1a, w1b, w2a, w2b)]
@@ -328,7 +392,7 @@ def _plan_module(
         factors = HadaFactors(*f32)
     for t in factors:
         if t is not None and not torch.isfinite(t).all():
-            raise ValueError(f"kohya module {name!r}: factors contain NaN or inf")
+            raise LoHaFormatError(f"kohya module {name!r}: factors contain NaN or inf")
     planned = _Planned(name, prefix, path, factors, r, alpha, tucker, geom)
     if "dora_scale" in g:
         m = g["dora_scale"]
@@ -336,20 +400,82 @@ def _plan_module(
         ones = [1] * (len(w_shape) - 1)
         on_out, on_in = (w_shape[0], *ones), (1, w_shape[1], *ones[1:])
         if geom.transposed:
-            raise ValueError(f"kohya key {name}.dora_scale: weight decomposition on transposed (Conv1D) layers is not supported")
+            raise LoHaFormatError(f"kohya key {name}.dora_scale: weight decomposition on transposed (Conv1D) layers is not supported")
         if tuple(m.shape) == on_out:
             planned.dora_on_out = True
         elif tuple(m.shape) == on_in:
             planned.dora_on_out = False
         else:
-            raise ValueError(
+            raise LoHaFormatError(
                 f"kohya key {name}.dora_scale: shape {_fmt(m.shape)} does not fit module {path!r}; expected "
                 f"{_fmt(on_out)} (per output channel) or {_fmt(on_in)} (per input channel)"
             )
         if not torch.isfinite(m).all():
-            raise ValueError(f"kohya key {name}.dora_scale: contains NaN or inf")
+            raise LoHaFormatError(f"kohya key {name}.dora_scale: contains NaN or inf")
         planned.dora_scale = m.detach().float()
     return planned
+
+
+def _target_str(target: Any) -> str:
+    return target if isinstance(target, str) else " + ".join(target.paths)
+
+
+def _split_group(name: str, g: dict[str, torch.Tensor], split: Any) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """One fused file module as exact LoHas on the pieces: rows of hada_w1_a / hada_w2_a sliced
+    (after the half swap where the trees order the halves differently); w1_b, w2_b, cores and
+    alpha shared.
+
+    Raises:
+        LoHaFormatError: The rows do not add up to the pieces' rows, or a weight-decomposition
+            scale per input channel (no exact split).
+    """
+    from .families import describe_rows, split_rows
+
+    missing = [p for p in _REQUIRED if p not in g]
+    if missing:
+        raise LoHaFormatError(f"kohya module {name!r}: missing key(s) {[f'{name}.{p}' for p in missing]}")
+    tucker = "hada_t1" in g
+    rows_of = (lambda t: t.T) if tucker else (lambda t: t)  # Tucker stores w_a as (r, out)
+    for p in ("hada_w1_a", "hada_w2_a"):
+        t = g[p]
+        n = int(rows_of(t).shape[0]) if t.ndim == 2 else -1
+        if n != split.rows:
+            raise LoHaFormatError(
+                f"kohya key {name}.{p}: shape {_fmt(t.shape)} has {n} output rows, but the module fuses "
+                f"{describe_rows(split)} = {split.rows} rows"
+            )
+    pieces = {p: split_rows(split, rows_of(g[p])) for p in ("hada_w1_a", "hada_w2_a")}
+    dora = None
+    if "dora_scale" in g:
+        m = g["dora_scale"]
+        if m.ndim < 1 or int(m.shape[0]) != split.rows:
+            raise LoHaFormatError(
+                f"kohya key {name}.dora_scale: shape {_fmt(m.shape)}; a fused module splits exactly only with a "
+                f"per-output-row scale ({split.rows}, 1)"
+            )
+        dora = split_rows(split, m)
+    out = []
+    for i, (path, _) in enumerate(split.pieces):
+        sub = dict(g)
+        for p in ("hada_w1_a", "hada_w2_a"):
+            piece = pieces[p][i]
+            sub[p] = (piece.T if tucker else piece).contiguous()
+        if dora is not None:
+            sub["dora_scale"] = dora[i].contiguous()
+        out.append((path, sub))
+    return out
+
+
+def _check_one_family(groups: Mapping[str, Any], label: str) -> None:
+    """Refuse a file whose module names belong to two model families."""
+    from .families import guess_file_family
+
+    _, evidence = guess_file_family(groups)
+    if len(evidence) > 1:
+        from .families import family_by_name
+
+        shown = "; ".join(f"{family_by_name(f).label}: {names}" for f, names in evidence.items())
+        raise LoHaFormatError(f"{label}: the file mixes module names of {len(evidence)} model families ({shown}); one file is for one model")
 
 
 def _plan(
@@ -369,17 +495,18 @@ def _plan(
     groups, other = _group_keys(sd)
     if not groups:
         sample = sorted(sd)[:5]
-        raise ValueError(
+        raise LoHaFormatError(
             f"{label}: no LoHa module found (expected keys '<kohya name>.hada_w1_a' etc., "
             f"e.g. 'lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a'); first keys: {sample}"
         )
     dora = sorted(f"{n}.dora_scale" for n, g in groups.items() if "dora_scale" in g)
     if dora and not allow_dora:
-        raise ValueError(
+        raise LoHaFormatError(
             f"{label}: weight-decomposed LoHa (DoHa, 'dora_scale' keys) is supported only when merging "
             f"(load_kohya(..., merge=True)), not as a live adapter or a PEFT conversion; "
             f"keys: {dora[:5]}{f' and {len(dora) - 5} more' if len(dora) > 5 else ''}"
         )
+    _check_one_family(groups, label)
     table = kohya_name_table(models, name_tables)
     planned: list[_Planned] = []
     unmatched: list[str] = []
@@ -390,20 +517,24 @@ def _plan(
             unmatched.append(name)
             unused.extend(f"{name}.{p}" for p in groups[name])
             continue
-        if len({h for h in hits}) > 1:
-            raise ValueError(
-                f"{label}: kohya module name {name!r} is ambiguous: it fits {[f'{p}:{q}' for p, q in hits]}"
+        if len(hits) > 1:
+            raise LoHaFormatError(
+                f"{label}: file module name {name!r} is ambiguous: it fits {[f'{p}:{_target_str(q)}' for p, q in hits]}"
             )
-        prefix, path = hits[0]
-        module = _unwrap(models[prefix]).get_submodule(path)
+        prefix, target = hits[0]
+        model = _unwrap(models[prefix])
         try:
-            planned.append(_plan_module(name, groups[name], prefix, path, module, tucker_t1_for_both))
-        except ValueError as e:
-            raise ValueError(f"{label}: {e}") from None
+            if isinstance(target, str):
+                planned.append(_plan_module(name, groups[name], prefix, target, model.get_submodule(target), tucker_t1_for_both))
+            else:
+                for path, g in _split_group(name, groups[name], target):
+                    planned.append(_plan_module(name, g, prefix, path, model.get_submodule(path), tucker_t1_for_both))
+        except LoHaFormatError as e:
+            raise LoHaFormatError(f"{label}: {e}") from None
     seen: dict[tuple[str, str], str] = {}
     for p in planned:
         if (p.prefix, p.path) in seen:
-            raise ValueError(
+            raise LoHaFormatError(
                 f"{label}: modules {seen[(p.prefix, p.path)]!r} and {p.name!r} both target {p.prefix}:{p.path}"
             )
         seen[(p.prefix, p.path)] = p.name
@@ -437,7 +568,7 @@ def load_kohya(
     multiplier: float = 1.0,
     adapter_name: str = "default",
     merge: bool = False,
-    strict: bool = False,
+    strict: bool = True,
     tucker_t1_for_both: bool = False,
     *,
     name_tables: NameTables | None = None,
@@ -458,7 +589,10 @@ def load_kohya(
         merge: Add ΔW to the base weights (float32 math, cast once) instead of a live adapter.
             Weight-decomposed files (``dora_scale``, DoHa) load only this way, merged as
             LyCORIS defines it (see :func:`_doha_merged`).
-        strict: Raise if any key of the file is not applied.
+        strict: True (default): raise, before changing anything, if any key of the file would not
+            be applied (LoHa modules with no target are named with the nearest names the models
+            answer to). False: apply what fits, ``warnings.warn`` about the rest; the report
+            lists it (``unmatched_modules``, ``unused_keys``).
         tucker_t1_for_both: Use ``hada_t1`` as the core of both branches (LyCORIS <= 1.9.0 files).
         name_tables: Extra names per prefix ``{kohya name: module path}`` (SDXL's SGM names).
         source: File name to use in messages when a state dict is given.
@@ -467,9 +601,11 @@ def load_kohya(
         A :class:`KohyaLoadReport`.
 
     Raises:
-        ValueError: Unknown key layout, missing keys, shapes that do not fit, bad alpha, dora
-            keys without ``merge=True``, ambiguous names, an existing adapter name, or (strict) unused keys. Nothing is
+        LoHaFormatError: Unknown key layout, missing keys, shapes that do not fit, bad alpha, dora
+            keys without ``merge=True``, ambiguous names, fused rows that do not add up, a file of
+            another model family or of two families, or (strict) keys left out. Nothing is
             applied when it raises.
+        ValueError: An existing adapter name or a bad multiplier.
     """
     from ..core.model import _check_adapter_name
 
@@ -480,16 +616,7 @@ def load_kohya(
     sd, metadata, label = read_kohya_file(path_or_state_dict)
     label = source or label
     planned, unused, unmatched = _plan(sd, models, tucker_t1_for_both, name_tables, label, allow_dora=merge)
-    if strict and unused:
-        raise ValueError(
-            f"{label}: {len(unused)} key(s) would not be applied (strict=True): {unused[:10]}"
-            + (f"; file modules without a target: {unmatched[:10]}" if unmatched else "")
-        )
-    if not planned:
-        raise ValueError(
-            f"{label}: none of the file's {len(unmatched)} LoHa modules matches a module of the models "
-            f"(prefixes {sorted(models)}); first file modules: {unmatched[:5]}"
-        )
+    _check_left_out(sd, models, name_tables, planned, unused, unmatched, label, strict)
     if not merge:
         clash = [
             f"{p.prefix}:{p.path}"
@@ -536,10 +663,78 @@ def load_kohya(
             if layer is not module:
                 _install(model, p.path, layer)
         _register_in_loha_models(models, planned, adapter_name)
-    report.matched = {p.name: f"{p.prefix}:{p.path}" for p in planned}
-    if unused:
-        logger.info("%s: %d key(s) not applied, e.g. %s", label, len(unused), unused[:3])
+    report.matched = _matched(planned)
     return report
+
+
+def _matched(planned: list[_Planned]) -> dict[str, str]:
+    """file module name -> "prefix:path" (fused modules: "prefix:path1 + path2 + …")."""
+    out: dict[str, list[str]] = {}
+    for p in planned:
+        out.setdefault(p.name, [p.prefix]).append(p.path)
+    return {n: f"{v[0]}:{' + '.join(v[1:])}" for n, v in out.items()}
+
+
+def _nearest(names: list[str], table: Mapping[str, Any], n: int = 3) -> dict[str, list[str]]:
+    """For a few unmatched names, the closest names the models answer to (difflib ratio)."""
+    import difflib
+
+    pool = list(table)
+    return {name: difflib.get_close_matches(name, pool, n=n, cutoff=0.6) for name in names}
+
+
+def _check_left_out(
+    sd: Mapping[str, torch.Tensor],
+    models: Mapping[str, nn.Module],
+    name_tables: NameTables | None,
+    planned: list[_Planned],
+    unused: list[str],
+    unmatched: list[str],
+    label: str,
+    strict: bool,
+) -> None:
+    """No silent partial loads: raise (strict) or warn about every file key that would not be applied.
+
+    An unmatched file whose names give away another model family than the models' raises in
+    either mode, naming both families.
+    """
+    import warnings
+
+    from .families import guess_file_family
+
+    if unmatched:
+        model_family = _family_context(models)
+        groups, _ = _group_keys(sd)
+        file_family, evidence = guess_file_family(groups)
+        if model_family is not None and file_family is not None and file_family.name != model_family.name:
+            raise LoHaFormatError(
+                f"{label}: this is a {file_family.label} file (module names {evidence[file_family.name]}), but the "
+                f"model is {model_family.label} ({_denoiser_class(models)}); "
+                f"{len(unmatched)} of its {len(groups)} LoHa modules match nothing"
+            )
+    if not planned:
+        table = kohya_name_table(models, name_tables)
+        near = _nearest(unmatched[:3], table)
+        raise LoHaFormatError(
+            f"{label}: none of the file's {len(unmatched)} LoHa modules matches a module of the models "
+            f"(prefixes {sorted(models)}); first file modules: {unmatched[:5]}; nearest names the models answer to: {near}"
+        )
+    other = [k for k in unused if k.rpartition(".")[0] not in set(unmatched)]
+    if not unused:
+        return
+    parts = []
+    if unmatched:
+        table = kohya_name_table(models, name_tables)
+        parts.append(
+            f"{len(unmatched)} LoHa module(s) of the file match no module of the models (prefixes {sorted(models)}): "
+            f"{unmatched[:5]}{' …' if len(unmatched) > 5 else ''}; nearest names the models answer to: {_nearest(unmatched[:3], table)}"
+        )
+    if other:
+        parts.append(f"{len(other)} key(s) are not LoHa tensors (LoRA, norms, …): {other[:5]}{' …' if len(other) > 5 else ''}")
+    msg = f"{label}: " + "; ".join(parts)
+    if strict:
+        raise LoHaFormatError(msg + f"; nothing was applied (pass strict=False to apply the {len(planned)} module(s) that fit and leave these out)")
+    warnings.warn(msg + f"; left out, the {len(planned)} module(s) that fit were applied (strict=False)", stacklevel=3)
 
 
 def _config_for(planned: list[_Planned], **extra: Any) -> "LoHaConfig":
@@ -862,9 +1057,13 @@ def kohya_to_peft(
         sd, {prefix: model}, tucker_t1_for_both, {prefix: dict(name_table)} if name_table else None, label
     )
     if strict and unused:
-        raise ValueError(f"{label}: {len(unused)} key(s) would be left out (strict=True): {unused[:10]}")
+        raise LoHaFormatError(f"{label}: {len(unused)} key(s) would be left out (strict=True): {unused[:10]}")
     if not planned:
-        raise ValueError(f"{label}: no LoHa module of the file fits the model under prefix {prefix!r}")
+        near = _nearest(unmatched[:3], kohya_name_table({prefix: model}, {prefix: dict(name_table)} if name_table else None))
+        raise LoHaFormatError(
+            f"{label}: no LoHa module of the file fits the model under prefix {prefix!r}; first file modules: "
+            f"{unmatched[:5]}; nearest names the model answers to: {near}"
+        )
     try:
         config = _config_for(planned, inference_mode=True, base_model_name_or_path=base_model_name_or_path)
     except ValueError as e:
@@ -879,7 +1078,7 @@ def kohya_to_peft(
             tensors[f"{KEY_PREFIX}{p.path}.{pname}"] = t.float().contiguous()
     write_adapter_dirs([(save_directory, peft_config_dict(config), tensors)])
     report = KohyaLoadReport(adapter_name=None, merged=False, metadata=metadata, unused_keys=unused, unmatched_modules=unmatched)
-    report.matched = {p.name: f"{prefix}:{p.path}" for p in planned}
+    report.matched = _matched(planned)
     return config, report
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..kohya import _adaptable_modules, kohya_name
+from . import Family, TextEncoderSlot
 
-__all__ = ["SGM_BLOCK_WORDS", "sgm_unet_names"]
+__all__ = ["SGM_BLOCK_WORDS", "sgm_unet_names", "original_unet_paths", "SD", "SDXL"]
 
 #: Words that appear only in SGM-tree UNet names (a file using them was written for SDXL's tree).
 SGM_BLOCK_WORDS = ("input_blocks", "middle_block", "output_blocks", "time_embed_", "label_emb", "lora_unet_out_")
@@ -76,6 +76,15 @@ def _sgm_block_prefixes(unet: nn.Module) -> list[tuple[str, str, bool]]:
 def sgm_unet_names(unet: nn.Module, prefix: str = "lora_unet") -> dict[str, str]:
     """kohya names in SGM (original SDXL) naming for every adaptable module of a diffusers UNet.
 
+    Returns:
+        kohya name -> diffusers module path (see :func:`original_unet_paths`).
+    """
+    return {f"{prefix}.{o}".replace(".", "_"): p for o, p in original_unet_paths(unet).items()}
+
+
+def original_unet_paths(unet: nn.Module) -> dict[str, str]:
+    """Original (LDM/SGM) path -> diffusers path for every adaptable module of a diffusers UNet.
+
     Built from the UNet's block structure: down block ``b`` resnet/attention ``j`` is SGM
     ``input_blocks.{c}.0`` / ``.1`` (``c`` counting from 1, a downsampler takes its own ``c`` as
     ``.0.op``), the mid block is ``middle_block.0/1/2``, up block resnets/attentions are
@@ -84,8 +93,10 @@ def sgm_unet_names(unet: nn.Module, prefix: str = "lora_unet") -> dict[str, str]
     conv_shortcut→skip_connection.
 
     Returns:
-        kohya name -> diffusers module path.
+        original module path -> diffusers module path.
     """
+    from ..kohya import _adaptable_modules
+
     blocks = sorted(_sgm_block_prefixes(unet), key=lambda t: -len(t[0]))
     table: dict[str, str] = {}
     for path, _ in _adaptable_modules(unet):
@@ -96,6 +107,54 @@ def sgm_unet_names(unet: nn.Module, prefix: str = "lora_unet") -> dict[str, str]
                     head, _, tail = rest.partition(".")
                     head = _RESNET_CHILDREN.get(head, head)
                     rest = f"{head}.{tail}" if tail else head
-                table[kohya_name(prefix, f"{sprefix}.{rest}" if rest else sprefix)] = path
+                table[f"{sprefix}.{rest}" if rest else sprefix] = path
                 break
     return table
+
+
+def _is_sdxl_unet(unet: nn.Module) -> bool:
+    """SDXL's UNet conditions on text and time ids (``addition_embed_type == "text_time"``)."""
+    return getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
+
+
+_UNET_CONV = r"conv|downsamplers|upsamplers|skip_connection|in_layers_2|out_layers_3|_op$|proj_in|proj_out"
+
+SD = Family(
+    name="sd",
+    label="SD 1.x/2.x",
+    model_classes=("UNet2DConditionModel",),
+    component="unet",
+    text_encoders=(
+        TextEncoderSlot("text_encoder", ("lora_te", "lora_te1"), ("text_encoder.",),
+                        ("text_encoders.clip_l.transformer.", "text_encoders.clip_h.transformer.")),
+    ),
+    original_names=original_unet_paths,
+    diffusers_prefixes=("unet.", ""),
+    flat_prefixes=("lora_unet_", "lycoris_"),
+    save_style="kohya",
+    file_words=r"(?!x)x",  # nothing only SD1/2 files have: told apart from SDXL by the absence of SDXL's words
+    base_model_version="sd_v1",
+    matches=lambda m: not _is_sdxl_unet(m),
+    processor_aliases=True,
+    conv_words=_UNET_CONV,
+)
+
+SDXL = Family(
+    name="sdxl",
+    label="SDXL",
+    model_classes=("UNet2DConditionModel",),
+    component="unet",
+    text_encoders=(
+        TextEncoderSlot("text_encoder", ("lora_te1", "lora_te"), ("text_encoder.",), ("text_encoders.clip_l.transformer.",)),
+        TextEncoderSlot("text_encoder_2", ("lora_te2",), ("text_encoder_2.",), ("text_encoders.clip_g.transformer.",)),
+    ),
+    original_names=original_unet_paths,
+    diffusers_prefixes=("unet.", ""),
+    flat_prefixes=("lora_unet_", "lycoris_"),
+    save_style="original",
+    file_words=r"^lora_te2_|^text_encoder_2\.|clip_g|label_emb|add_embedding",
+    base_model_version="sdxl_base_v1-0",
+    matches=_is_sdxl_unet,
+    processor_aliases=True,
+    conv_words=_UNET_CONV,
+)
