@@ -388,8 +388,8 @@ class LoHaLayer(nn.Module):
             # Trainer default) update parameters without bumping their version counters. Done here,
             # before either path (fused node or general) runs.
             self._eval_cache.clear()
-        if len(running) == 1 and not args and not kwargs and torch.is_grad_enabled():
-            fused = self._fused_forward(x, *running[0])  # training a plain Linear/ConvNd: one autograd node
+        if running and not args and not kwargs and torch.is_grad_enabled():
+            fused = self._fused_forward(x, running)  # training a plain Linear/ConvNd: one autograd node
             if fused is not None:
                 return fused
         result = base(x, *args, **kwargs)
@@ -417,27 +417,46 @@ class LoHaLayer(nn.Module):
                 "(load_adapter, from_pretrained, or load_state_dict(..., assign=True))"
             )
 
-    def _fused_forward(self, x: torch.Tensor, name: str, mask: torch.Tensor | None) -> torch.Tensor | None:
-        """Base layer + adapter ``name`` as one autograd node, or None where that does not apply.
+    def _fused_forward(self, x: torch.Tensor, running: list[tuple[str, torch.Tensor | None]]) -> torch.Tensor | None:
+        """Base layer + the running adapters as one autograd node, or None where that does not apply.
 
-        A plain ``nn.Linear`` goes through :class:`~lohakit.core.functional.FactoredLinearFused` (saves
-        the copy of the base output and the separate dL/dx sum, about 2 % of a CPU Llama step); a
-        plain one-group ``nn.ConvNd`` through :class:`~lohakit.core.functional.FactoredConvFused` when
-        its dL/dx through ``W + ΔW`` saves more than rebuilding ΔW costs. Used only where it
-        computes exactly what the general path does (the ``*_applicable`` checks) and the
-        factored path is chosen.
+        The training path is chosen per call (:func:`~lohakit.core.functional.choose_training_path`,
+        or forced by ``compute_path``):
+
+        * ``"merged"``: a plain ``nn.Linear``/``nn.ConvNd`` runs once on ``W + ΣΔW``
+          (:class:`~lohakit.core.functional.MergedWeightFused`; every running adapter, their ΔW summed);
+        * ``"factored"`` with one adapter: a plain ``nn.Linear`` through
+          :class:`~lohakit.core.functional.FactoredLinearFused` (saves the copy of the base output and
+          the separate dL/dx sum), a plain one-group ``nn.ConvNd`` through
+          :class:`~lohakit.core.functional.FactoredConvFused` when its dL/dx through ``W + ΔW``
+          saves more than rebuilding ΔW costs.
+
+        Used only where it computes exactly what the general path does (the ``*_applicable``
+        checks); otherwise (None) the general path runs each adapter after the base layer.
         """
-        factors = self.factors(name)
+        all_factors = [self.factors(name) for name, _ in running]
         geom = self.geometry
         base = self.base_layer
+        path = self.compute_path
+        n_out, n_in = Fn.positions(x, None, geom)
+        merged_ok = path in ("auto", "merged") and Fn.merged_weight_applicable(base, x, all_factors)
+        if path == "auto":
+            path = Fn.choose_training_path(geom, all_factors, n_out, n_in, merged_ok)
+        if path == "merged" and merged_ok:
+            adapters = []
+            for (name, mask), factors in zip(running, all_factors):
+                self._check_loaded(name, factors, x)
+                adapters.append((*factors[:4], Fn.output_scale(self.scaling[name], mask, factors)))
+            stage = Fn.Stage(geom.ndim, geom.stride, geom.padding, geom.dilation, geom.groups)
+            return Fn.merged_weight_forward(x, base.weight, base.bias, stage, adapters)
+        if len(running) != 1 or path != "factored" or Fn._is_compiling():
+            return None
+        (name, mask), factors = running[0], all_factors[0]
         linear = geom.ndim == 0
         applicable = Fn.fused_linear_applicable if linear else Fn.fused_conv_applicable
-        if Fn._is_compiling() or not applicable(base, x, factors):
+        if not applicable(base, x, factors):
             return None
         self._check_loaded(name, factors, x)
-        n_out, n_in = Fn.positions(x, None, geom)
-        if Fn.resolve_path(self.compute_path, factors, geom, n_out, n_in, training=True) != "factored":
-            return None
         out_scale = Fn.output_scale(self.scaling[name], mask, factors)
         if linear:
             return Fn.FactoredLinearFused.apply(x, base.weight, base.bias, *factors[:4], out_scale)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import re
 import warnings
@@ -17,7 +18,8 @@ from typing import Any, Iterator, Protocol
 import torch
 import torch.nn as nn
 
-from .config import LoHaConfig
+from .config import LoHaConfig, is_peft_loha_config
+from .functional import COMPUTE_PATHS
 from .layers import Conv1d, Conv2d, Conv3d, HFConv1D, Linear, LoHaLayer, _hf_conv1d_type
 from .targets import (
     DEFAULT_TARGET_MODULES, matches_target, pattern_key, rank_and_alpha,
@@ -25,7 +27,9 @@ from .targets import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AdapterStore", "LoHaModel", "ModulesToSaveWrapper", "get_peft_model", "register_adapter_store"]
+__all__ = [
+    "AdapterStore", "LoHaModel", "ModulesToSaveWrapper", "get_peft_model", "inject_adapter_in_model", "register_adapter_store",
+]
 
 class AdapterStore(Protocol):
     """Where :meth:`LoHaModel.save_pretrained` / ``from_pretrained`` / ``load_adapter`` go.
@@ -171,6 +175,35 @@ class LoHaModel(nn.Module):
         self.targeted_module_names: list[str] = []
         self.inject_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
 
+    @classmethod
+    def attach(cls, model: nn.Module) -> "LoHaModel":
+        """A LoHaModel around a model adapted in place by :func:`inject_adapter_in_model`.
+
+        Nothing is injected or copied: the wrapper sees the adapters already inside ``model``
+        (for ``save_pretrained``, ``set_adapter``, ``merge_adapter`` ...); adapters added through
+        it are recorded on ``model`` too.
+
+        Raises:
+            ValueError: ``model`` was not adapted by :func:`inject_adapter_in_model`.
+        """
+        configs = model.__dict__.get(_INJECTED_CONFIGS)
+        if not configs:
+            raise ValueError(
+                f"{type(model).__name__} holds no adapter injected by lohakit.inject_adapter_in_model; "
+                "use LoHaModel(model, config) to add one"
+            )
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.model = model
+        self.peft_config = configs  # shared: adapters added through the wrapper are recorded on the model
+        self.active_adapter = next(iter(configs))
+        layers = [n for n, _ in self.loha_layers()]
+        self.targeted_module_names = layers
+        active = next((layer.active_adapters for _, layer in self.loha_layers()), None)
+        if active:
+            self.active_adapter = active[0] if len(active) == 1 else list(active)
+        return self
+
     # ------------------------------------------------------------------ plumbing
     def __getattr__(self, name: str) -> Any:
         try:
@@ -178,10 +211,37 @@ class LoHaModel(nn.Module):
         except AttributeError:
             if name == "model":
                 raise
-            return getattr(self.model, name)
+        model = self._modules.get("model")
+        try:
+            return getattr(model, name)
+        except AttributeError:
+            raise AttributeError(
+                f"'LoHaModel' object (wrapping {type(model).__name__}) has no attribute {name!r}"
+            ) from None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model, with its LoHa layers in place (PEFT's ``get_base_model``)."""
+        return self.model
+
+    @property
+    def base_model(self) -> "LoHaModel":
+        """What PEFT's ``PeftModel.base_model`` is: the object holding the adapters, whose
+        ``.model`` is the wrapped model (``model.base_model.model.model.layers[0]`` works as in
+        PEFT, and parameter paths read ``base_model.model.<module path>`` as in PEFT's files).
+        lohakit has one object in both of PEFT's roles, so this is the LoHaModel itself."""
+        return self
+
+    @property
+    def forward_signature(self) -> inspect.Signature:
+        """The wrapped model's ``forward`` signature (``forward`` passes every argument on).
+
+        Tools that filter inputs by the model's signature (transformers' Trainer with
+        ``remove_unused_columns``) should look here; :class:`lohakit.integrations.transformers.LoHaTrainer` does.
+        """
+        return inspect.signature(self.model.forward)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self.model.generate(*args, **kwargs)
@@ -355,8 +415,7 @@ class LoHaModel(nn.Module):
         _check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or choose another name")
-        if not isinstance(config, LoHaConfig):
-            raise TypeError(f"config must be a LoHaConfig, got {type(config).__name__}")
+        config = _as_loha_config(config)
         config.validate()
         config = self._resolve_config(config)
         targets = self._find_targets(config)
@@ -578,9 +637,9 @@ class LoHaModel(nn.Module):
         return layer.get_delta_weight(adapter_name)
 
     def set_compute_path(self, path: str) -> None:
-        """Force ``"factored"`` or ``"materialised"`` on every layer, or ``"auto"`` (cost model)."""
-        if path not in ("auto", "factored", "materialised"):
-            raise ValueError(f"compute path must be 'auto', 'factored' or 'materialised', got {path!r}")
+        """Force ``"factored"``, ``"merged"`` or ``"materialised"`` on every layer, or ``"auto"`` (cost model)."""
+        if path not in COMPUTE_PATHS:
+            raise ValueError(f"compute path must be one of {', '.join(map(repr, COMPUTE_PATHS))}, got {path!r}")
         for _, layer in self.loha_layers():
             layer.compute_path = path  # type: ignore[assignment]
 
@@ -642,6 +701,124 @@ class LoHaModel(nn.Module):
     # ------------------------------------------------------------------ end of adapter files
 
 
-def get_peft_model(model: nn.Module, config: LoHaConfig, adapter_name: str = "default", low_cpu_mem_usage: bool = False) -> LoHaModel:
-    """Wrap ``model`` with a LoHa adapter (PEFT's entry point)."""
-    return LoHaModel(model, config, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+def _as_loha_config(config: Any) -> LoHaConfig:
+    """``config`` itself, or a ``peft.LoHaConfig`` converted (see :meth:`LoHaConfig.from_peft`)."""
+    if isinstance(config, LoHaConfig):
+        return config
+    if is_peft_loha_config(config):
+        return LoHaConfig.from_peft(config)
+    raise TypeError(
+        f"config must be a lohakit.LoHaConfig or a peft.LoHaConfig, got {type(config).__module__}.{type(config).__name__}"
+    )
+
+
+def get_peft_model(
+    model: nn.Module, config: LoHaConfig | Any, adapter_name: str = "default", low_cpu_mem_usage: bool = False, **kwargs: Any
+) -> LoHaModel:
+    """Wrap ``model`` with a LoHa adapter (PEFT's entry point).
+
+    Args:
+        model: The model to adapt (its target layers are wrapped in place).
+        config: A :class:`LoHaConfig`, or PEFT's ``peft.LoHaConfig`` (converted; fields with no
+            lohakit counterpart and a non-default value are named in a warning).
+        adapter_name: Name of the first adapter.
+        low_cpu_mem_usage: Create the factors on the meta device (to be filled by a load).
+        **kwargs: PEFT's other keywords (``mixed``, ``autocast_adapter_dtype``, ``revision``):
+            accepted for compatibility; ``mixed=True`` is refused.
+    """
+    if kwargs.get("mixed"):
+        raise ValueError("get_peft_model(mixed=True) (PEFT's mixed adapter types) is not supported by lohakit")
+    unknown = sorted(set(kwargs) - {"mixed", "autocast_adapter_dtype", "revision"})
+    if unknown:
+        raise TypeError(f"get_peft_model() got unexpected keyword argument(s) {unknown}")
+    return LoHaModel(model, _as_loha_config(config), adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+
+
+# ---------------------------------------------------------------------- in-place injection
+_ADAPTER_PART = re.compile(r"(^|\.)(hada_[a-z0-9_]+|modules_to_save)\.")
+_INJECTED_CONFIGS = "_lohakit_configs"
+
+
+def _layer_paths(model: nn.Module) -> tuple[list[str], list[str]]:
+    layers = [n for n, m in model.named_modules() if isinstance(m, LoHaLayer)]
+    wrappers = [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    return layers, wrappers
+
+
+def _base_keys_state_dict_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """state_dict() of an injected model: the base model's own keys (and only those)."""
+    items = list(state_dict.items())
+    state_dict.clear()  # rebuilt in the same order, under the base model's names
+    for key, value in items:
+        rel = key[len(prefix):] if key.startswith(prefix) else None
+        if rel is None:
+            state_dict[key] = value
+            continue
+        if _ADAPTER_PART.search(rel):
+            continue
+        new = rel.replace(".base_layer.", ".").replace(".original_module.", ".")
+        new = re.sub(r"^(base_layer|original_module)\.", "", new)
+        state_dict[prefix + new] = value
+
+
+def _base_keys_load_pre_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """load_state_dict() of an injected model accepts the base model's keys (``to_q.weight``)."""
+    layers, wrappers = _layer_paths(module)
+    renames = [(p, "base_layer") for p in layers] + [(p, "original_module") for p in wrappers]
+    for path, inner in renames:
+        head = prefix + (path + "." if path else "")
+        for key in [k for k in state_dict if k.startswith(head)]:
+            rest = key[len(head):]
+            if rest.split(".", 1)[0] in (inner, "modules_to_save") or _ADAPTER_PART.search(rest) or rest.startswith("hada_"):
+                continue
+            state_dict[head + inner + "." + rest] = state_dict.pop(key)
+
+
+def _base_keys_load_post_hook(module: nn.Module, incompatible: Any) -> None:
+    """Adapter tensors are not part of an injected model's checkpoint: not reported missing."""
+    keep = [k for k in incompatible.missing_keys if not _ADAPTER_PART.search(k)]
+    incompatible.missing_keys[:] = keep
+
+
+def inject_adapter_in_model(
+    config: LoHaConfig | Any, model: nn.Module, adapter_name: str = "default", low_cpu_mem_usage: bool = False
+) -> nn.Module:
+    """Add a LoHa adapter to ``model`` in place and return ``model`` itself, class unchanged.
+
+    PEFT's ``inject_adapter_in_model`` counterpart (same argument order): a
+    ``UNet2DConditionModel`` stays a ``UNet2DConditionModel`` (a ``PreTrainedModel`` stays one)
+    with LoHa layers inside, so diffusers pipelines and transformers treat it as the model
+    they know. The base model is frozen; the adapter's factors are trainable.
+
+    Its ``state_dict()`` reports the base model under the base model's own keys (no
+    ``base_layer`` level, no adapter tensors), and ``load_state_dict`` accepts them: so
+    ``pipe.save_pretrained`` / ``model.save_pretrained`` write the base weights as a loadable
+    model (the merged weights while an adapter is merged). Save the adapter itself with
+    :func:`lohakit.diffusers.save_loha_weights` (kohya file) or, in PEFT's format, with
+    ``LoHaModel.attach(model).save_pretrained(dir)``.
+
+    Args:
+        config: A :class:`LoHaConfig` or a ``peft.LoHaConfig``.
+        model: The model to adapt.
+        adapter_name: Name of the adapter; call again with another name to add one more.
+        low_cpu_mem_usage: Create the factors on the meta device (to be filled by a load).
+
+    Returns:
+        ``model``.
+    """
+    configs: dict[str, LoHaConfig] = dict(model.__dict__.get(_INJECTED_CONFIGS, {}))
+    if adapter_name in configs:
+        raise ValueError(f"model already holds an adapter named {adapter_name!r}; choose another name")
+    loha = LoHaModel.attach(model) if configs else None
+    if loha is None:
+        loha = LoHaModel(model, _as_loha_config(config), adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    else:
+        loha.add_adapter(adapter_name, _as_loha_config(config), low_cpu_mem_usage=low_cpu_mem_usage)
+    configs[adapter_name] = loha.peft_config[adapter_name]
+    model.__dict__[_INJECTED_CONFIGS] = configs
+    if not model.__dict__.get("_lohakit_hooks"):
+        model.register_state_dict_post_hook(_base_keys_state_dict_hook)
+        model.register_load_state_dict_pre_hook(_base_keys_load_pre_hook)
+        model.register_load_state_dict_post_hook(_base_keys_load_post_hook)
+        model.__dict__["_lohakit_hooks"] = True
+    return model

@@ -30,7 +30,7 @@ Factor tensors stay in their own dtype (float32 parameters); the chain runs in t
 dtype: the small factors are cast, the activations never are.
 """
 
-from .geometry import ComputePath, Geometry, HadaFactors, factor_shapes, _is_compiling  # noqa: F401  (Fn._is_compiling)
+from .geometry import COMPUTE_PATHS, ComputePath, Geometry, HadaFactors, factor_shapes, _is_compiling  # noqa: F401  (Fn._is_compiling)
 from .delta import (
     khatri_rao_rows,
     khatri_rao_cols,
@@ -43,11 +43,14 @@ from .delta import (
     delta_weight,
 )
 from .conv import Stage, StageChain, apply_stages, factored_stages, apply_delta_weight
-from .autograd import FactoredLinear, FactoredLinearFused, FactoredConvFused
+from .autograd import FactoredLinear, FactoredLinearFused, FactoredConvFused, MergedWeightFused, merged_weight_forward
 from .cost import (
     FACTORED_COST_BIAS,
     ELEMENTWISE_COST,
     prefer_factored,
+    path_costs,
+    choose_training_path,
+    merged_weight_applicable,
     fused_conv_applicable,
     fused_conv_pays,
     fused_linear_applicable,
@@ -78,9 +81,15 @@ __all__ = [
     "FactoredLinear",
     "FactoredLinearFused",
     "FactoredConvFused",
+    "MergedWeightFused",
+    "merged_weight_forward",
+    "COMPUTE_PATHS",
     "FACTORED_COST_BIAS",
     "ELEMENTWISE_COST",
     "prefer_factored",
+    "path_costs",
+    "choose_training_path",
+    "merged_weight_applicable",
     "fused_conv_applicable",
     "fused_conv_pays",
     "fused_linear_applicable",

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .. import kernels
 from .conv import Stage
 from .delta import _a_transposed, _scale_rows, khatri_rao_cols, linear_qp
-from .geometry import HadaFactors
+from .geometry import HadaFactors, _is_compiling
 
 
 class FactoredLinear(torch.autograd.Function):
@@ -334,3 +334,115 @@ def factored_linear_nograd(
     if base.dim() == 2:
         return torch.addmm(base, h, p_t)  # (N, out)
     return torch.addmm(base.reshape(-1, base.shape[-1]), h, p_t).reshape(base.shape)  # (..., out)
+
+
+def _merged_weight(
+    weight: torch.Tensor, adapters: Sequence[tuple[torch.Tensor, ...]], dtype: torch.dtype
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``W + Σ ΔW_a`` in ``dtype``, and each adapter's ``(M1·S, M2)`` (factor dtype, ``(out, in·K)``).
+
+    ``ΔW_a = S_a ⊙_rows (A1 B1) ⊙ (A2 B2)``, S folded into the r-wide A1 (``M1·S = (S·A1) B1``),
+    so ΔW is one ``addcmul`` pass per adapter into the flattened W: O(r·in·out) work, no
+    ``N``-sized term. The sum runs in the wider of W's and the factors' dtypes (float32
+    master factors on a 16-bit W: W is upcast once, as a merge does) and is cast once to the
+    compute dtype.
+    """
+    out = weight.shape[0]
+    acc = weight.reshape(out, -1)  # (out, in·K), a view
+    products = []
+    for w1a, w1b, w2a, w2b, rows in adapters:
+        m1s = _scale_rows(w1a, rows) @ w1b  # (out, in·K): S ⊙_rows A1 B1
+        m2 = w2a @ w2b  # (out, in·K)
+        if not products:  # the first adapter allocates the sum, in the wider of W's and the factors' dtypes
+            acc = torch.addcmul(acc.to(torch.promote_types(acc.dtype, m1s.dtype)), m1s, m2)
+        else:
+            acc.addcmul_(m1s, m2)
+        products.append((m1s, m2))
+    return acc.to(dtype).view(weight.shape), products
+
+
+class MergedWeightFused(torch.autograd.Function):
+    """A frozen ``nn.Linear`` / ``nn.ConvNd`` and its flat LoHa adapters as one node on ``W + ΣΔW``.
+
+    The high-rank training path: where the factored chain's ``R = r1·r2``-wide GEMMs cost more
+    than the layer's own (``r² ≳ in·out / (3·(in + out))``), the cheapest exact step runs the
+    base layer once with the merged weight::
+
+        forward   y  = layer(x, W + ΣΔW)                 one GEMM / conv (the base's own)
+        backward  dx = layerᵀ(G, W + ΣΔW)                one GEMM / transposed conv (the base's own)
+                  D  = ∂L/∂ΔW = Gᵀ x                      the one extra out×in GEMM (conv: weight grad)
+                  dM1 = S·D ⊙ M2,  dM2 = S·D ⊙ M1          per adapter, M_i = A_i B_i (out × in·K)
+                  dA1 = dM1 B1ᵀ, dB1 = A1ᵀ dM1, dA2 = dM2 B2ᵀ, dB2 = A2ᵀ dM2
+
+    Every adapter of the layer shares the one D (their ΔW add). Memory across the step: only
+    ``x`` (as a LoRA saves) and references to W and the factors; ``W + ΣΔW`` and the products
+    ``M1``, ``M2`` are rebuilt in backward (O(r·in·out), a small fraction of the ``N``-sized
+    GEMMs) rather than kept: kept, they would add a weight-sized tensor per adapted layer to
+    the step's peak.
+
+    Args (forward): ``x``; the frozen ``weight`` ``(out, in/g, *k)`` and ``bias``; ``stage``,
+    the base layer's :class:`Stage` (``ndim == 0`` for linear); ``n`` adapters; then per
+    adapter ``w1a, w1b, w2a, w2b, rows`` with ``rows`` the output scale S (s, or s · the
+    rank-dropout mask ``(out,)``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stage, n, *flat):  # type: ignore[override]
+        adapters = [flat[5 * i : 5 * i + 5] for i in range(n)]
+        w_eff, _ = _merged_weight(weight, adapters, x.dtype)  # (out, in/g, *k), x's dtype
+        out = stage.forward(x, w_eff, bias)  # (..., out) or (B, out, *spatial)
+        ctx.stage, ctx.n = stage, n
+        ctx.scalars = [None if torch.is_tensor(a[4]) else a[4] for a in adapters]
+        tensors = [t for a in adapters for t in (*a[:4], a[4] if torch.is_tensor(a[4]) else None)]
+        ctx.save_for_backward(x, weight, *tensors)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, weight, *tensors = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        adapters = []
+        for i in range(ctx.n):
+            w1a, w1b, w2a, w2b, scale_t = tensors[5 * i : 5 * i + 5]
+            adapters.append((w1a, w1b, w2a, w2b, ctx.scalars[i] if scale_t is None else scale_t))
+        need_f = [need[5 + 5 * i : 9 + 5 * i] for i in range(ctx.n)]
+        stage: Stage = ctx.stage
+        # Rebuilt from the saved inputs with differentiable ops: under create_graph=True the
+        # second-order terms see how everything here depends on x and the factors.
+        w_eff, products = _merged_weight(weight, adapters, x.dtype)
+        dx, d = stage.backward(g, x, w_eff, need_input=need[0], need_weight=any(any(f) for f in need_f))
+        grads: list[torch.Tensor | None] = []
+        if d is not None:
+            d = d.reshape(weight.shape[0], -1)  # (out, in·K): ∂L/∂ΔW, x's dtype
+        for (w1a, w1b, w2a, w2b, rows), (m1s, m2), nf in zip(adapters, products, need_f):
+            g_w1a = g_w1b = g_w2a = g_w2b = None
+            if d is not None and any(nf):
+                d32 = d.to(m2.dtype)
+                if nf[0] or nf[1]:
+                    g1 = d32 * m2  # (out, in·K): ∂L/∂(A1 B1) before the row scale S
+                    g_w1a = _scale_rows(g1 @ w1b.T, rows) if nf[0] else None  # (out, r1)
+                    g_w1b = _scale_rows(w1a, rows).T @ g1 if nf[1] else None  # (r1, in·K)
+                if nf[2] or nf[3]:
+                    g2 = d32 * m1s  # (out, in·K): ∂L/∂(A2 B2)
+                    g_w2a = g2 @ w2b.T if nf[2] else None  # (out, r2)
+                    g_w2b = w2a.T @ g2 if nf[3] else None  # (r2, in·K)
+            grads += [g_w1a, g_w1b, g_w2a, g_w2b, None]
+        return (dx, None, None, None, None, *grads)
+
+
+def merged_weight_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stage: Stage,
+    adapters: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | float]],
+) -> torch.Tensor:
+    """The base layer on ``W + ΣΔW`` for flat adapters ``(w1a, w1b, w2a, w2b, S)``, differentiable.
+
+    Through :class:`MergedWeightFused` (saves ``x`` only); while ``torch.compile`` traces, the
+    same formula from plain ops (AOT autograd plans what to save and recompute itself).
+    """
+    if _is_compiling():
+        w_eff, _ = _merged_weight(weight, adapters, x.dtype)
+        return stage.forward(x, w_eff, bias)
+    return MergedWeightFused.apply(x, weight, bias, stage, len(adapters), *(t for a in adapters for t in a))

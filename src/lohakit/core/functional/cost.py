@@ -8,6 +8,7 @@ preconditions hold and they pay. Constants calibrated with ``python -m bench cal
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
@@ -27,7 +28,7 @@ FACTORED_COST_BIAS = 1.25
 ELEMENTWISE_COST = 40
 
 
-def prefer_factored(
+def path_costs(
     geom: Geometry,
     ranks: tuple[int, int],
     tucker: bool,
@@ -35,28 +36,27 @@ def prefer_factored(
     n_in: int,
     build_delta: bool = True,
     training: bool = False,
-) -> bool:
-    """Whether the factored chain is cheaper than materialising ΔW for this call.
+) -> dict[str, float]:
+    """The predicted cost of each path for one adapter on one call, beyond the base layer's own.
 
     Costs in matmul FLOPs (R = r1·r2, K = prod(kernel), g = groups, dense = out·in/g·K,
     E = :data:`ELEMENTWISE_COST`, B = :data:`FACTORED_COST_BIAS`); the matmul passes are
     m = 2 for a forward call and m = 6 for a training step (forward, dL/dx, dL/dweights)::
 
-        materialised = m·N·dense + [4·max(r)·dense + 2·E·dense]·(4 if training else 1)
+        build        = [4·max(r)·dense + 2·E·dense]·(4 if training else 1)
+        materialised = m·N·dense + build
+        merged       = 2·N·dense + build                                    (training only)
         factored     = B·m·(N·R·in·K·g + N·out·R) + E·e·R·(in·K + out)       (flat)
         factored     = B·m·(N_in·R·in·g + N·R²·K·g + N·out·R) + E·e·(R·(in + out) + R²·K)   (Tucker)
 
     with e = 2 elementwise passes over the Khatri-Rao products for a forward call and 8 for
-    a training step (build, rebuild in backward, product-rule gradients). The bracketed ΔW
-    build term and the factored Khatri-Rao term vanish when ``build_delta`` is False (both
-    cached at inference).
-
-    Crossovers measured on CPU (fp32 training step, factored / materialised time; see
-    bench/RESULTS.md): Linear 1024² at r = 8: 0.2–0.45 from 1 to 512 tokens (factored always);
-    at r = 32 (R = 1024) factored loses from ~16 tokens up (1.3–1.5). Linear 256² flips
-    between r = 8 (0.4) and r = 16 (1.5) at 512 tokens; Linear 64² is materialised at any r.
-    3x3 conv 320 ch: factored up to r = 16 at 8² (0.65), tie at r = 16 at 32² (1.0),
-    materialised at r = 32; 32-channel convs are materialised from r = 8.
+    a training step (build, rebuild in backward, product-rule gradients). ``build`` and the
+    factored Khatri-Rao term vanish when ``build_delta`` is False (both cached at inference).
+    The merged-weight node (:class:`MergedWeightFused`) runs the base layer on ``W + ΔW``, so
+    of the materialised path's three ``N``-sized GEMMs only ∂L/∂ΔW = Gᵀx remains; it builds
+    ΔW as often as the materialised path does (forward, rebuilt in backward, four gradient
+    GEMMs). Its key is present for training calls only; whether it applies to a layer is
+    :func:`merged_weight_applicable`'s question.
 
     Args:
         geom: Base layer geometry.
@@ -66,6 +66,9 @@ def prefer_factored(
         n_in: Input positions (for the Tucker 1x1 stage at input resolution).
         build_delta: Count the cost of building ΔW / P and Q (False when cached).
         training: The call will be differentiated (a backward pass follows).
+
+    Returns:
+        ``{"factored": ..., "materialised": ...}``, plus ``"merged"`` for training calls.
     """
     r1, r2 = ranks
     R = r1 * r2
@@ -74,17 +77,88 @@ def prefer_factored(
     E = ELEMENTWISE_COST
     m = 6 if training else 2
     dense = geom.out_features * geom.flat_in
-    materialised = m * n_out * dense
-    if build_delta:
-        materialised += (4 * max(r1, r2) * dense + 2 * E * dense) * (4 if training else 1)
+    build = (4 * max(r1, r2) * dense + 2 * E * dense) * (4 if training else 1) if build_delta else 0
     if tucker:
         gemm = n_in * R * geom.in_features * g + n_out * R * R * K * g + n_out * geom.out_features * R
         kr = R * (geom.in_features + geom.out_features) + R * R * K
     else:
         gemm = n_out * R * geom.flat_in * g + n_out * geom.out_features * R
         kr = R * (geom.flat_in + geom.out_features)
-    factored = FACTORED_COST_BIAS * m * gemm + (E * (8 if training else 2) * kr if build_delta else 0)
-    return factored < materialised
+    costs = {
+        "factored": FACTORED_COST_BIAS * m * gemm + (E * (8 if training else 2) * kr if build_delta else 0),
+        "materialised": m * n_out * dense + build,
+    }
+    if training:
+        costs["merged"] = 2 * n_out * dense + build
+    return costs
+
+
+def prefer_factored(
+    geom: Geometry,
+    ranks: tuple[int, int],
+    tucker: bool,
+    n_out: int,
+    n_in: int,
+    build_delta: bool = True,
+    training: bool = False,
+) -> bool:
+    """Whether the factored chain is cheaper than materialising ΔW for this call (:func:`path_costs`).
+
+    Crossovers measured on CPU (fp32 training step, factored / materialised time; see
+    bench/RESULTS.md): Linear 1024² at r = 8: 0.2–0.45 from 1 to 512 tokens (factored always);
+    at r = 32 (R = 1024) factored loses from ~16 tokens up (1.3–1.5). Linear 256² flips
+    between r = 8 (0.4) and r = 16 (1.5) at 512 tokens; Linear 64² is materialised at any r.
+    3x3 conv 320 ch: factored up to r = 16 at 8² (0.65), tie at r = 16 at 32² (1.0),
+    materialised at r = 32; 32-channel convs are materialised from r = 8.
+    """
+    costs = path_costs(geom, ranks, tucker, n_out, n_in, build_delta=build_delta, training=training)
+    return costs["factored"] < costs["materialised"]
+
+
+def choose_training_path(
+    geom: Geometry, adapters: Sequence[HadaFactors], n_out: int, n_in: int, merged_ok: bool
+) -> str:
+    """``"factored"``, ``"merged"`` or ``"materialised"`` for a training call of these adapters.
+
+    The sum of the adapters' :func:`path_costs` per path; ``"merged"`` only where
+    ``merged_ok`` (the merged-weight node applies to the layer: :func:`merged_weight_applicable`),
+    and then its shared ∂L/∂ΔW GEMM is counted once.
+    """
+    totals: dict[str, float] = {}
+    for f in adapters:
+        for path, cost in path_costs(geom, f.ranks, f.tucker, n_out, n_in, training=True).items():
+            totals[path] = totals.get(path, 0.0) + cost
+    if merged_ok:
+        totals["merged"] -= 2 * n_out * geom.out_features * geom.flat_in * (len(adapters) - 1)
+    else:
+        totals.pop("merged", None)
+    return min(totals, key=totals.__getitem__)
+
+
+def merged_weight_applicable(base: torch.nn.Module, x: torch.Tensor, adapters: Sequence[HadaFactors]) -> bool:
+    """Whether :class:`MergedWeightFused` can replace ``base(x)`` plus these adapters exactly.
+
+    Needs a plain ``nn.Linear`` / ``nn.Conv1d/2d/3d`` (exact type, no hooks, forward not
+    patched), zero padding given as numbers, for a conv a batched input, frozen weight and
+    bias in x's dtype, flat (non-Tucker) factors, no autocast, and a recorded gradient.
+    Grouped convolutions qualify (ΔW has the grouped weight's shape).
+    """
+    if type(base) not in _MERGEABLE or not adapters or any(f.tucker for f in adapters):
+        return False
+    if not torch.is_grad_enabled() or _autocast_on(x.device.type):
+        return False
+    if base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
+        return False
+    if type(base) is not torch.nn.Linear:
+        if base.padding_mode != "zeros" or isinstance(base.padding, str) or x.dim() != base.weight.dim():
+            return False
+    w, b = base.weight, base.bias
+    if w.requires_grad or (b is not None and b.requires_grad) or w.dtype != x.dtype or w.device != x.device:
+        return False
+    return x.requires_grad or any(t.requires_grad for f in adapters for t in f if t is not None)
+
+
+_MERGEABLE = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 
 
 def fused_conv_applicable(base: torch.nn.Module, x: torch.Tensor, factors: HadaFactors) -> bool:

@@ -39,7 +39,13 @@ def rank_dropout_mask(
 def resolve_path(
     path: ComputePath, factors: HadaFactors, geom: Geometry, n_out: int, n_in: int, **cost: bool
 ) -> ComputePath:
-    """``path`` itself, or for ``"auto"`` the cost model's choice (``cost``: prefer_factored's flags)."""
+    """``path`` itself, or for ``"auto"`` the cost model's choice (``cost``: prefer_factored's flags).
+
+    This is the general (per-adapter, base output already computed) path, where the
+    merged-weight node cannot run: ``"merged"`` resolves to ``"materialised"`` here.
+    """
+    if path == "merged":
+        return "materialised"
     if path != "auto":
         return path
     return "factored" if prefer_factored(geom, factors.ranks, factors.tucker, n_out, n_in, **cost) else "materialised"

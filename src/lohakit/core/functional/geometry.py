@@ -11,7 +11,10 @@ from typing import Literal, NamedTuple
 
 import torch
 
-ComputePath = Literal["auto", "factored", "materialised"]
+ComputePath = Literal["auto", "factored", "merged", "materialised"]
+#: Every compute path a layer can be set to: the cost model's choice, or one forced path
+#: ("merged" where the merged-weight node applies, else "materialised").
+COMPUTE_PATHS: tuple[str, ...] = ("auto", "factored", "merged", "materialised")
 
 
 @dataclass(frozen=True)
