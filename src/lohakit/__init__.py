@@ -8,7 +8,7 @@ Layout (arrows point one way, down): ``app`` (the ``lohakit`` command) → ``int
 from .core.config import LoHaConfig
 from .core.functional import HadaFactors, Geometry, delta_weight
 from .core.layers import LoHaLayer
-from .core.model import LoHaModel, ModulesToSaveWrapper, get_peft_model
+from .core.model import LoHaModel, ModulesToSaveWrapper, get_peft_model, inject_adapter_in_model
 from .core.io import LoHaFormatError, load_state_dict, save_state_dict
 from .formats import peft as _peft_format  # noqa: F401  registers PEFT's directory format as the adapter store
 
@@ -20,6 +20,7 @@ __all__ = [
     "LoHaModel",
     "ModulesToSaveWrapper",
     "get_peft_model",
+    "inject_adapter_in_model",
     "HadaFactors",
     "Geometry",
     "delta_weight",

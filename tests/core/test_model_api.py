@@ -231,3 +231,78 @@ def test_forward_kwargs_generate_and_gradient_checkpointing():
     loss.backward()
     grads = [p.grad for n, p in m.named_parameters() if ".hada_" in n]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+# ------------------------------------------------------------------ PEFT habits (issue 13)
+def test_get_peft_model_accepts_peft_loha_config_and_warns_only_for_unknown_fields():
+    import warnings
+
+    peft = pytest.importorskip("peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an ordinary PEFT config converts without a warning
+        m = get_peft_model(llama(), peft.LoHaConfig(r=4, alpha=8, target_modules=["q_proj"], rank_pattern={r"layers\.0\.self_attn\.q_proj": 2}))
+    cfg = m.peft_config["default"]
+    assert isinstance(cfg, LoHaConfig) and (cfg.r, cfg.alpha, cfg.rank_pattern) == (4, 8, {r"layers\.0\.self_attn\.q_proj": 2})
+    with pytest.warns(UserWarning, match="no lohakit counterpart"):
+        LoHaConfig.from_peft({"peft_type": "LOHA", "r": 2, "target_modules": ["q_proj"], "some_new_field": 3})
+    with pytest.raises(ValueError, match="LORA"):
+        get_peft_model(llama(), peft.LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match="lohakit.LoHaConfig or a peft.LoHaConfig"):
+        get_peft_model(llama(), {"r": 2})
+
+
+def test_get_base_model_base_model_and_attribute_errors():
+    base = llama()
+    m = get_peft_model(base, LoHaConfig(target_modules=["q_proj"]))
+    assert m.get_base_model() is base and m.base_model.model is base
+    assert m.base_model.model.model.layers[0].self_attn.q_proj is base.model.layers[0].self_attn.q_proj
+    with pytest.raises(AttributeError, match=r"'LoHaModel' object \(wrapping LlamaForCausalLM\) has no attribute 'set_adaptr'"):
+        m.set_adaptr("x")
+    assert "input_ids" in m.forward_signature.parameters
+
+
+def test_config_from_pretrained_directory_file_and_errors(tmp_path):
+    m = get_peft_model(llama(), LoHaConfig(r=3, alpha=6, target_modules=["q_proj"]))
+    m.save_pretrained(str(tmp_path / "a"))
+    for where in (tmp_path / "a", tmp_path / "a" / "adapter_config.json"):
+        cfg = LoHaConfig.from_pretrained(str(where))
+        assert (cfg.r, cfg.alpha, cfg.target_modules) == (3, 6, ["q_proj"])
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        LoHaConfig.from_pretrained(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no such adapter directory"):
+        LoHaConfig.from_pretrained(str(tmp_path / "missing"))
+
+
+def test_inject_adapter_in_model_keeps_class_and_base_state_dict(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from lohakit import inject_adapter_in_model
+
+    base = llama()
+    ref = copy.deepcopy(base)
+    model = inject_adapter_in_model(LoHaConfig(r=2, target_modules=["q_proj", "v_proj"], init_weights=False), base)
+    assert model is base and type(model) is LlamaForCausalLM
+    assert any(isinstance(mod, LoHaLayer) for mod in model.modules())
+    sd = model.state_dict()
+    assert list(sd) == list(ref.state_dict()) and all(torch.equal(sd[k], v) for k, v in ref.state_dict().items())
+    # save_pretrained of the model class writes a loadable base model
+    model.save_pretrained(str(tmp_path / "base"))
+    again = LlamaForCausalLM.from_pretrained(str(tmp_path / "base"))
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in ref.state_dict().items())
+    # the base's keys load back into the injected model (strict), adapters untouched
+    wrapper = LoHaModel.attach(model)
+    factors = {k: v.clone() for k, v in wrapper.adapter_state_dict().items()}
+    model.load_state_dict(ref.state_dict())
+    assert all(torch.equal(factors[k], v) for k, v in wrapper.adapter_state_dict().items())
+    # the adapter saves in PEFT's format through attach()
+    wrapper.save_pretrained(str(tmp_path / "adapter"))
+    reloaded = LoHaModel.from_pretrained(copy.deepcopy(ref), str(tmp_path / "adapter"))
+    ids = torch.randint(0, 64, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="already holds an adapter named 'default'"):
+        inject_adapter_in_model(LoHaConfig(target_modules=["q_proj"]), model)
+    inject_adapter_in_model(LoHaConfig(target_modules=["q_proj"]), model, adapter_name="second")
+    assert set(LoHaModel.attach(model).peft_config) == {"default", "second"}
+    with pytest.raises(ValueError, match="inject_adapter_in_model"):
+        LoHaModel.attach(llama())

@@ -6,12 +6,25 @@ import dataclasses
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Union
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoHaConfig"]
+__all__ = ["LoHaConfig", "is_peft_loha_config"]
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+
+
+def is_peft_loha_config(config: Any) -> bool:
+    """True for a configuration object of the ``peft`` package (any type; checked by duck typing).
+
+    lohakit never imports peft for this: a PEFT config is anything with ``to_dict()`` and a
+    ``peft_type`` attribute that is not a lohakit :class:`LoHaConfig`.
+    """
+    return not isinstance(config, LoHaConfig) and hasattr(config, "peft_type") and callable(getattr(config, "to_dict", None))
 
 #: Keys PEFT writes into adapter_config.json that lohakit does not keep: dropped quietly.
 _PEFT_BOOKKEEPING = {"peft_version", "auto_mapping"}
@@ -200,3 +213,98 @@ class LoHaConfig:
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not UTF-8 text ({e})") from None
         return cls.from_dict(data, strict=strict, source=str(path))
+
+    # ------------------------------------------------------------------ PEFT interoperability
+    @classmethod
+    def from_peft(cls, peft_config: Any) -> "LoHaConfig":
+        """Convert a ``peft.LoHaConfig`` (or its ``to_dict()``) into a lohakit config.
+
+        Every field PEFT's LoHa has is carried over unchanged. Fields lohakit has no counterpart
+        for are dropped with one ``UserWarning`` naming them, but only when they differ from
+        PEFT's default (an untouched default changes nothing).
+
+        Raises:
+            ValueError: ``peft_type`` is not LOHA (a LoRA config cannot become a LoHa one).
+        """
+        data = dict(peft_config) if isinstance(peft_config, dict) else peft_config.to_dict()
+        pt = data.get("peft_type", "LOHA")
+        pt = getattr(pt, "value", pt)
+        if pt is not None and str(pt).upper() != "LOHA":
+            raise ValueError(f"cannot convert a PEFT {pt} config into a LoHaConfig (peft_type must be LOHA)")
+        defaults: dict[str, Any] = {}
+        if not isinstance(peft_config, dict):
+            try:
+                defaults = type(peft_config)().to_dict()
+            except Exception:  # a config class that needs arguments: compare with "empty" instead
+                defaults = {}
+        known = set(cls.field_names())
+
+        def _set(v: Any) -> bool:
+            return v not in (None, [], {}, "", False)
+
+        dropped = sorted(
+            k for k, v in data.items()
+            if k not in known and k not in _PEFT_BOOKKEEPING
+            and (v != defaults[k] if k in defaults else _set(v))
+        )
+        if dropped:
+            warnings.warn(
+                f"PEFT LoHaConfig field(s) {dropped} have no lohakit counterpart and were ignored",
+                UserWarning,
+                stacklevel=3,
+            )
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs["peft_type"] = "LOHA"
+        if isinstance(kwargs.get("target_modules"), (set, frozenset)):
+            kwargs["target_modules"] = sorted(kwargs["target_modules"])
+        if isinstance(kwargs.get("exclude_modules"), (set, frozenset)):
+            kwargs["exclude_modules"] = sorted(kwargs["exclude_modules"])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        *,
+        strict: bool = False,
+        **hub_kwargs: Any,
+    ) -> "LoHaConfig":
+        """Read ``adapter_config.json`` from an adapter directory or a Hugging Face Hub repo id.
+
+        Args:
+            pretrained_model_name_or_path: A local directory (or the JSON file itself), or a Hub
+                repo id such as ``"user/my-loha"`` (downloaded with ``huggingface_hub``).
+            subfolder: A folder inside it (a non-default adapter's name).
+            revision: Hub revision.
+            strict: Raise on PEFT-only keys that carry a value instead of warning.
+            **hub_kwargs: Passed to ``huggingface_hub.hf_hub_download`` (token, cache_dir, ...).
+
+        Raises:
+            FileNotFoundError: Neither a directory with ``adapter_config.json`` nor a Hub repo
+                that has one.
+            ValueError: The file is not a LoHa config (see :meth:`from_dict`).
+        """
+        path = Path(pretrained_model_name_or_path)
+        if subfolder:
+            path = path / subfolder
+        if path.is_file():
+            return cls.from_json_file(path, strict=strict)
+        if path.is_dir():
+            candidate = path / ADAPTER_CONFIG_NAME
+            if not candidate.is_file():
+                raise FileNotFoundError(f"{path}: no {ADAPTER_CONFIG_NAME} in this directory")
+            return cls.from_json_file(candidate, strict=strict)
+        name = str(pretrained_model_name_or_path)
+        if os.path.isabs(name) or name.startswith(".") or name.count("/") != 1:
+            raise FileNotFoundError(f"{name}: no such adapter directory (and not a Hub repo id 'user/name')")
+        try:
+            from huggingface_hub import hf_hub_download
+        except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+            raise FileNotFoundError(f"{name}: not a local directory, and huggingface_hub is not installed") from None
+        try:
+            local = hf_hub_download(name, ADAPTER_CONFIG_NAME, subfolder=subfolder, revision=revision, **hub_kwargs)
+        except Exception as e:  # hub errors come in many types; report one clear line
+            raise FileNotFoundError(f"{name}: no local directory, and the Hub has no {ADAPTER_CONFIG_NAME} there ({type(e).__name__})") from e
+        return cls.from_json_file(local, strict=strict)
