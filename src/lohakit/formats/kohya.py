@@ -530,7 +530,8 @@ def _plan(
                 for path, g in _split_group(name, groups[name], target):
                     planned.append(_plan_module(name, g, prefix, path, model.get_submodule(path), tucker_t1_for_both))
         except LoHaFormatError as e:
-            raise LoHaFormatError(f"{label}: {e}") from None
+            wrong = _wrong_family(groups, models)
+            raise LoHaFormatError(f"{label}: {wrong}; first misfit: {e}" if wrong else f"{label}: {e}") from None
     seen: dict[tuple[str, str], str] = {}
     for p in planned:
         if (p.prefix, p.path) in seen:
@@ -683,6 +684,21 @@ def _nearest(names: list[str], table: Mapping[str, Any], n: int = 3) -> dict[str
     return {name: difflib.get_close_matches(name, pool, n=n, cutoff=0.6) for name in names}
 
 
+def _wrong_family(groups: Mapping[str, Any], models: Mapping[str, nn.Module]) -> str | None:
+    """"this is a <family> file …, but the model is <family>" when the file's names give away
+    another family than the models' (asked only once something does not fit), else None."""
+    from .families import guess_file_family
+
+    model_family = _family_context(models)
+    file_family, evidence = guess_file_family(groups)
+    if model_family is None or file_family is None or file_family.name == model_family.name:
+        return None
+    return (
+        f"this is a {file_family.label} file (module names {evidence[file_family.name]}), but the model is "
+        f"{model_family.label} ({_denoiser_class(models)})"
+    )
+
+
 def _check_left_out(
     sd: Mapping[str, torch.Tensor],
     models: Mapping[str, nn.Module],
@@ -700,18 +716,11 @@ def _check_left_out(
     """
     import warnings
 
-    from .families import guess_file_family
-
     if unmatched:
-        model_family = _family_context(models)
         groups, _ = _group_keys(sd)
-        file_family, evidence = guess_file_family(groups)
-        if model_family is not None and file_family is not None and file_family.name != model_family.name:
-            raise LoHaFormatError(
-                f"{label}: this is a {file_family.label} file (module names {evidence[file_family.name]}), but the "
-                f"model is {model_family.label} ({_denoiser_class(models)}); "
-                f"{len(unmatched)} of its {len(groups)} LoHa modules match nothing"
-            )
+        wrong = _wrong_family(groups, models)
+        if wrong:
+            raise LoHaFormatError(f"{label}: {wrong}; {len(unmatched)} of its {len(groups)} LoHa modules match nothing")
     if not planned:
         table = kohya_name_table(models, name_tables)
         near = _nearest(unmatched[:3], table)

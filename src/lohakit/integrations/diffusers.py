@@ -1,18 +1,20 @@
-"""Load kohya/LyCORIS LoHa files straight into diffusers Stable Diffusion pipelines.
+"""Load kohya/LyCORIS LoHa files straight into diffusers pipelines (and their bare models).
 
 diffusers' own ``load_lora_weights`` rejects ``hada_*`` keys; these functions apply them as
-live, switchable LoHa adapters on ``pipe.unet`` and the text encoders:
+live, switchable LoHa adapters on the pipeline's denoiser and text encoders, for every family in
+:mod:`lohakit.formats.families`:
 
-* SD 1.x / 2.x (``StableDiffusionPipeline``): ``lora_unet`` (diffusers module names) and
-  ``lora_te``.
-* SDXL (``StableDiffusionXLPipeline``, recognised by ``pipe.text_encoder_2``): ``lora_unet``
-  with the original SGM block names (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``;
-  diffusers-style names are accepted too), ``lora_te1`` and ``lora_te2``.
+* SD 1.x / 2.x (``pipe.unet``, ``pipe.text_encoder``): ``lora_unet`` (diffusers or LDM names),
+  ``lora_te`` (or ``lora_te1``).
+* SDXL (``text_encoder_2``; the UNet's ``addition_embed_type`` is ``text_time``): ``lora_unet``
+  (SGM or diffusers names), ``lora_te1`` / ``lora_te2``.
+* FLUX.1 (``pipe.transformer`` a ``FluxTransformer2DModel``): BFL names (kohya), diffusers names
+  (``transformer.``, ``lora_transformer_``, ``lycoris_``, bare); CLIP ``lora_te1``, T5 ``lora_te2``.
+* SD3/3.5 (``SD3Transformer2DModel``): SAI names or diffusers names; CLIP-L ``lora_te1``,
+  CLIP-G ``lora_te2``, T5 ``lora_te3``.
 
-SGM names are generated from the UNet's own block structure (:func:`sgm_unet_names`), never
-parsed back from file keys; a test checks the table against diffusers' SGM→diffusers key
-converter. Any object with ``unet`` / ``text_encoder`` (/ ``text_encoder_2``) attributes works
-as ``pipe``. diffusers itself is not imported here.
+``pipe`` may be a pipeline, any object with those attributes, or a bare denoiser model.
+diffusers itself is not imported here.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from ..formats.families import Family, family_of_model, family_of_pipeline
+from ..formats.families.stable_diffusion import sgm_unet_names
 from ..formats.kohya import (
     KohyaLoadReport,
     StateDictOrPath,
+    export_name,
     load_kohya,
     read_kohya_file,
     remove_kohya_adapter,
@@ -34,7 +39,6 @@ from ..formats.kohya import (
     _loha_layers,
     _unwrap,
 )
-from ..formats.families.stable_diffusion import SGM_BLOCK_WORDS, sgm_unet_names
 
 __all__ = [
     "load_loha_weights",
@@ -46,66 +50,41 @@ __all__ = [
     "sgm_unet_names",
 ]
 
-def _is_sdxl(pipe: Any) -> bool:
-    return getattr(pipe, "text_encoder_2", None) is not None
-
 
 def pipeline_models(pipe: Any) -> tuple[dict[str, nn.Module], dict[str, dict[str, str]], str]:
-    """The kohya prefixes of a pipeline's models.
+    """The kohya prefixes of a pipeline's models (or of a bare denoiser).
 
     Returns:
-        (prefix -> model, extra name tables, "sdxl" or "sd").
+        (prefix -> model, extra name tables (empty: the families carry their names), family id:
+        ``"sd"``, ``"sdxl"``, ``"flux"`` or ``"sd3"``).
+
+    Raises:
+        TypeError: ``pipe`` is neither a model of a known family nor has a ``unet`` /
+            ``transformer`` of one.
     """
-    unet = getattr(pipe, "unet", None)
-    if not isinstance(unet, nn.Module):
-        raise TypeError(f"pipeline {type(pipe).__name__} has no `unet` module; LoHa files need a UNet pipeline")
-    if _is_sdxl(pipe):
-        models = {"lora_unet": unet}
-        if isinstance(getattr(pipe, "text_encoder", None), nn.Module):
-            models["lora_te1"] = pipe.text_encoder
-        models["lora_te2"] = pipe.text_encoder_2
-        return models, {"lora_unet": sgm_unet_names(_unwrap(unet))}, "sdxl"
-    models = {"lora_unet": unet}
-    if isinstance(getattr(pipe, "text_encoder", None), nn.Module):
-        models["lora_te"] = pipe.text_encoder
-    return models, {}, "sd"
-
-
-def _file_prefixes(sd: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for key in sd:
-        name = key.partition(".")[0]
-        for p in ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_"):
-            if name.startswith(p):
-                out.setdefault(p[:-1], []).append(key)
-                break
-        else:
-            out.setdefault("?", []).append(key)
-    return out
-
-
-def _check_file_fits(sd: Mapping[str, torch.Tensor], kind: str, label: str) -> None:
-    """Refuse files written for another pipeline family, naming the keys that show it."""
-    prefixes = _file_prefixes(sd)
-    if "?" in prefixes:
-        raise ValueError(
-            f"{label}: keys outside the kohya SD prefixes (lora_unet_, lora_te_, lora_te1_, lora_te2_): "
-            f"{prefixes['?'][:5]}"
-        )
-    unet_keys = prefixes.get("lora_unet", [])
-    sgm = [k for k in unet_keys if any(w in k for w in SGM_BLOCK_WORDS)]
-    if kind == "sd":
-        sdxl = prefixes.get("lora_te1", []) + prefixes.get("lora_te2", []) + sgm
-        if sdxl:
-            raise ValueError(
-                f"{label}: this file is for SDXL (keys {sdxl[:3]}), but the pipeline is SD 1.x/2.x "
-                "(one text encoder, diffusers UNet names)"
+    fam: Family | None
+    if isinstance(pipe, nn.Module):
+        fam = family_of_model(pipe)
+        if fam is None:
+            raise TypeError(
+                f"{type(_unwrap(pipe)).__name__} is not a denoiser of a known family "
+                "(UNet2DConditionModel, FluxTransformer2DModel, SD3Transformer2DModel); use load_kohya(file, {prefix: model})"
             )
-    elif prefixes.get("lora_te"):
-        raise ValueError(
-            f"{label}: this file is for SD 1.x/2.x (keys {prefixes['lora_te'][:3]}), but the pipeline is SDXL "
-            "(text encoders lora_te1 / lora_te2)"
+        return {"lora_unet": pipe}, {}, fam.name
+    fam = family_of_pipeline(pipe)
+    if fam is None:
+        found = {a: type(getattr(pipe, a)).__name__ for a in ("unet", "transformer") if getattr(pipe, a, None) is not None}
+        raise TypeError(
+            f"pipeline {type(pipe).__name__} has no `unet` / `transformer` of a known family"
+            + (f" (found {found})" if found else "")
+            + "; LoHa files need an SD 1.x/2.x, SDXL, FLUX.1 or SD3 pipeline"
         )
+    models: dict[str, nn.Module] = {"lora_unet": getattr(pipe, fam.component)}
+    for slot in fam.text_encoders:
+        te = getattr(pipe, slot.attribute, None)
+        if isinstance(te, nn.Module):
+            models[slot.save_prefix] = te
+    return models, {}, fam.name
 
 
 def load_loha_weights(
@@ -114,34 +93,36 @@ def load_loha_weights(
     adapter_name: str = "default",
     scale: float = 1.0,
     fuse: bool = False,
-    strict: bool = False,
+    strict: bool = True,
     tucker_t1_for_both: bool = False,
 ) -> KohyaLoadReport:
-    """Apply a kohya/LyCORIS LoHa file to a Stable Diffusion pipeline as adapter ``adapter_name``.
+    """Apply a kohya/LyCORIS LoHa file to a pipeline (or bare denoiser) as adapter ``adapter_name``.
 
     ``W += scale · (alpha / r) · (w1a @ w1b) ⊙ (w2a @ w2b)`` on every module of the file.
 
     Args:
-        pipe: A StableDiffusionPipeline / StableDiffusionXLPipeline (or an object with ``unet``,
-            ``text_encoder`` and for SDXL ``text_encoder_2``).
+        pipe: A StableDiffusion(XL)Pipeline, FluxPipeline, StableDiffusion3Pipeline, any object
+            with their ``unet`` / ``transformer`` and ``text_encoder*`` attributes, or a bare
+            UNet2DConditionModel / FluxTransformer2DModel / SD3Transformer2DModel.
         path: ``.safetensors`` file or state dict.
         adapter_name: Name of the adapter (must be new).
         scale: Strength (the kohya multiplier); change later with :func:`set_loha_scale`.
         fuse: Merge into the weights right away (still reversible with
             :func:`unload_loha_weights`).
-        strict: Raise if any key of the file is not applied.
+        strict: True: raise before changing anything if any key of the file would not be
+            applied; False: apply the rest with a warning (listed in the report).
         tucker_t1_for_both: For Tucker files from LyCORIS <= 1.9.0.
 
     Returns:
         The :class:`~lohakit.formats.kohya.KohyaLoadReport`.
 
     Raises:
-        ValueError: The file is for another pipeline family (SDXL file into SD1, …), has an
-            unknown layout or shapes that do not fit; the pipeline is left untouched.
+        LoHaFormatError: The file is for another model family (SDXL file into SD1, SD3 into
+            FLUX, …; both are named), has an unknown layout, shapes that do not fit, or (strict)
+            modules that match nothing; the pipeline is left untouched.
     """
-    models, tables, kind = pipeline_models(pipe)
+    models, tables, _ = pipeline_models(pipe)
     sd, metadata, label = read_kohya_file(path)
-    _check_file_fits(sd, kind, label)
     report = load_kohya(
         sd, models, multiplier=scale, adapter_name=adapter_name, strict=strict,
         tucker_t1_for_both=tucker_t1_for_both, name_tables=tables, source=label,
@@ -171,9 +152,15 @@ def _export_setup(
     pipe: Any, metadata: Mapping[str, str] | None
 ) -> tuple[dict[str, nn.Module], dict[str, dict[str, str]], dict[str, str]]:
     """(prefix -> model, per prefix {module path: kohya name} overrides, header metadata) for writing a file."""
-    models, tables, kind = pipeline_models(pipe)
-    names = {p: {path: name for name, path in t.items()} for p, t in tables.items()}
-    meta = {"ss_base_model_version": "sdxl_base_v1-0" if kind == "sdxl" else "sd_v1", **(metadata or {})}
+    from ..formats.families import family_by_name
+    from ..formats.kohya import _adaptable_modules
+
+    models, _, kind = pipeline_models(pipe)
+    names = {
+        prefix: {path: export_name(prefix, path, model) for path, _ in _adaptable_modules(_unwrap(model))}
+        for prefix, model in models.items()
+    }
+    meta = {"ss_base_model_version": family_by_name(kind).base_model_version, **(metadata or {})}
     return models, names, meta
 
 
@@ -184,7 +171,13 @@ def save_loha_weights(
     dtype: torch.dtype | None = torch.float16,
     metadata: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """Write a pipeline's adapter as a kohya LoHa file (SGM UNet names and te1/te2 for SDXL)."""
+    """Write a pipeline's adapter as a kohya LoHa file, one entry per adapted module (never fused).
+
+    Names ComfyUI maps: SD 1.x/2.x ``lora_unet_`` + diffusers path and ``lora_te_``; SDXL SGM
+    names and ``lora_te1_`` / ``lora_te2_``; FLUX.1 and SD3 ``lora_transformer_`` + diffusers
+    path, text encoders ``lora_te1_`` / ``lora_te2_`` (/ ``lora_te3_`` for SD3's T5). CLIP text
+    encoders are always written with the ``text_model`` level.
+    """
     models, names, meta = _export_setup(pipe, metadata)
     return save_kohya(path, models, adapter_name=adapter_name, dtype=dtype, metadata=meta, names=names)
 
