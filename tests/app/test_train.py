@@ -88,11 +88,16 @@ def test_train_cli_writes_everything(llama_dir, data_txt, tmp_path, capsys):
     assert steps == [1, 2, 3, 4]
     assert all(r["tokens_per_s"] > 0 and r["loss"] > 0 for r in m if "loss" in r)
     evals = [r for r in m if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [2, 4]
+    assert [r["step"] for r in evals] == [0, 2, 4]  # the curve starts at the base model
     for r in evals:
         assert r["eval_ppl"] == pytest.approx(torch.tensor(r["eval_loss"]).exp().item(), rel=1e-6)
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "eval ppl" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "eval ppl" in printed
+    banner = printed.splitlines()[:3]
+    assert "LlamaForCausalLM" in banner[0] and "parameters trainable (" in banner[0] and "%)" in banner[0]
+    assert "UTF-8 bytes" in banner[1] and " train / " in banner[1]
+    assert banner[2].startswith("4 steps of 4 samples")
     # the final adapter is a PEFT directory that peft itself loads
     import peft
     from transformers import AutoModelForCausalLM
@@ -353,3 +358,64 @@ def test_training_options(extra, llama_dir, data_txt, tmp_path):
     kw.update(extra)
     res = train(TrainConfig(**kw))
     assert res["step"] == 3 and math.isfinite(res["train_loss"]) and math.isfinite(res["eval_loss"])
+
+
+# ------------------------------------------------------------------------------------------ issue 13
+def make_gpt2(path: Path, n_positions: int = 64) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=n_positions, n_embd=16, n_layer=1, n_head=2)).save_pretrained(str(path))
+    return path
+
+
+def test_seq_len_past_the_model_positions_refused_before_writing(llama_dir, data_txt, tmp_path, capsys):
+    gpt2 = make_gpt2(tmp_path / "gpt2")
+    out = tmp_path / "out"
+    args = base_args(gpt2, data_txt, out)
+    args[args.index("--seq-len") + 1] = "128"
+    args[args.index("--target-modules") + 1] = "c_attn"
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--seq-len 128" in err and "n_positions = 64" in err, err
+    assert not out.exists()
+    args = base_args(llama_dir, data_txt, out)
+    args[args.index("--seq-len") + 1] = "129"  # max_position_embeddings = 128: refused too, not trained silently
+    assert main(args) == 2 and "max_position_embeddings = 128" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_failed_start_leaves_no_output_directory(llama_dir, data_txt, tmp_path, monkeypatch, capsys):
+    from lohakit.app import train as train_mod
+
+    def broken(*a, **k):
+        raise RuntimeError("simulated failure in the first step")
+
+    monkeypatch.setattr(train_mod, "_batch_loss", broken)
+    out = tmp_path / "out"
+    assert main(base_args(llama_dir, data_txt, out)) == 1
+    assert "simulated failure" in capsys.readouterr().err
+    assert not out.exists()
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # a user's file in a reused directory stays, lohakit's go
+    assert main(base_args(llama_dir, data_txt, out) + ["--overwrite"]) == 1
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_resume_with_max_steps_not_above_the_checkpoint(llama_dir, data_txt, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(base_args(llama_dir, data_txt, out, steps=4)) == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    for steps in ("3", "4"):
+        args = base_args(llama_dir, data_txt, out, steps=int(steps)) + ["--resume"]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--max-steps {steps} is not above the step of checkpoint-4 (4)" in err, err
+    assert snapshot(out) == before
+    assert main(base_args(llama_dir, data_txt, out, steps=6) + ["--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "resumed from checkpoint-4 (step 4 of 6)" in printed
+    steps = [r["step"] for r in read_metrics(out) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]

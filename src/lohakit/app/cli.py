@@ -137,7 +137,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _train_config(args)
     try:
-        result = train(cfg)
+        result = train(cfg, echo=lambda line: print(line, flush=True))
     except TrainInterrupted as e:
         print(f"lohakit train: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED

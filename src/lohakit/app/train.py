@@ -266,6 +266,26 @@ def model_dir_config(model: str) -> dict[str, Any] | None:
     return None
 
 
+#: config keys that bound the sequence length a model accepts (the first one present wins).
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length")
+
+
+def max_positions(model_config: dict[str, Any] | None) -> tuple[str, int] | None:
+    """(config key, value) of the longest sequence a model accepts, when its config says."""
+    for key in _POSITION_KEYS:
+        v = (model_config or {}).get(key)
+        if _is_int(v) and v > 0:
+            return key, int(v)
+    return None
+
+
+def _check_seq_len(seq_len: int, model_config: dict[str, Any] | None, where: str) -> None:
+    found = max_positions(model_config)
+    if found is not None and seq_len > found[1]:
+        key, limit = found
+        raise ValueError(f"--seq-len {seq_len} is longer than the model accepts: {where} has {key} = {limit}; use --seq-len {limit} or less")
+
+
 def load_base_model(model: str, task: str = "causal-lm", num_labels: int | None = None, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
     """Load a transformers directory (``AutoModelForCausalLM`` / ``...SequenceClassification``) or call an import path."""
     if Path(model).exists():
@@ -555,13 +575,17 @@ def _build_data(cfg: TrainConfig, tok: Any) -> CausalLMData | ClassificationData
     )
 
 
-def train(cfg: TrainConfig, should_stop: Callable[[int], bool] | None = None) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, should_stop: Callable[[int], bool] | None = None, echo: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Train a LoHa adapter as ``cfg`` says; return a summary.
 
     Args:
         cfg: The configuration (validated here).
         should_stop: Called after every optimiser step with the step number; returning True
             acts like Ctrl-C (checkpoint, then :class:`TrainInterrupted`).
+        echo: Where the main process's start lines go (the banner: model, trainable share,
+            tokenizer or bytes, samples; "resumed from checkpoint-N"); default: the logger.
 
     Returns:
         ``{"step", "train_loss", "eval_loss", "eval_ppl", "eval_accuracy", "output_dir",
@@ -579,6 +603,8 @@ def train(cfg: TrainConfig, should_stop: Callable[[int], bool] | None = None) ->
     if cfg.eval_data:
         check_readable(cfg.eval_data, "eval data file")
     model_cfg = model_dir_config(cfg.model)  # type: ignore[arg-type]
+    if model_cfg is not None:
+        _check_seq_len(cfg.seq_len, model_cfg, f"{cfg.model}/config.json")
     resume_dir = _resolve_resume(cfg, out)
     if resume_dir is None:
         _check_output_dir(out, cfg.overwrite)
@@ -588,6 +614,14 @@ def train(cfg: TrainConfig, should_stop: Callable[[int], bool] | None = None) ->
             state = json.loads((resume_dir / "trainer_state.json").read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"checkpoint {str(resume_dir)!r}: trainer_state.json cannot be read ({e})") from None
+        done = state.get("step") if isinstance(state, dict) else None
+        if not _is_int(done):
+            raise ValueError(f"checkpoint {str(resume_dir)!r}: trainer_state.json has no step")
+        if cfg.max_steps <= done:
+            raise ValueError(
+                f"--max-steps {cfg.max_steps} is not above the step of {resume_dir.name} ({done}): nothing left to train; "
+                f"give --max-steps {done + 1} or more to continue"
+            )
     eos = model_cfg.get("eos_token_id") if model_cfg else None
     tok = load_tokenizer(cfg.model if model_cfg is not None else None, eos_id=eos if isinstance(eos, int) else None)
     data = _build_data(cfg, tok)
@@ -600,6 +634,8 @@ def train(cfg: TrainConfig, should_stop: Callable[[int], bool] | None = None) ->
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     base = load_base_model(cfg.model, cfg.task, num_labels, cfg.model_kwargs)  # type: ignore[arg-type]
+    if model_cfg is None and getattr(base, "config", None) is not None and hasattr(base.config, "to_dict"):
+        _check_seq_len(cfg.seq_len, base.config.to_dict(), f"the config of {cfg.model}")
     fingerprint = base_fingerprint(base)
     if state is not None and state.get("base_fingerprint") != fingerprint:
         raise ValueError(
@@ -623,200 +659,222 @@ def train(cfg: TrainConfig, should_stop: Callable[[int], bool] | None = None) ->
     acc = _make_accelerator(cfg, find_unused=needs_unused)
     rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
     acc.wait_for_everyone()  # every rank validated its inputs before anyone writes
-    if main:
-        if resume_dir is None and out.is_dir() and cfg.overwrite:
-            _clear_artefacts(out)
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=2, default=str))
-    acc.wait_for_everyone()
-
-    global_batch = cfg.batch_size * world
-    params = [p for p in peft.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, cfg.max_steps))
-    start_step = 0
-    if state is not None:
-        opt_tensors = load_state_dict(resume_dir / "optimizer.safetensors")
-        optimizer.load_state_dict(_optimizer_from_files(opt_tensors, state["optimizer"]))
-        scheduler.load_state_dict(state["scheduler"])
-        start_step = int(state["step"])
-        if state.get("world_size", world) * state.get("batch_size", cfg.batch_size) != global_batch:
-            logger.warning("resuming with another global batch (%s) than the checkpoint's: the data order changes", global_batch)
-    model, optimizer = acc.prepare(peft, optimizer)
-    torch.manual_seed(cfg.seed + 1000 * rank + start_step)
-    if state is not None:
-        rngs = state.get("rng", [])
-        if rank < len(rngs):
-            _set_rng_state(rngs[rank])
-
-    metrics: list[dict[str, Any]] = []
-    metrics_path = out / "metrics.jsonl"
-    if main and metrics_path.is_file():
-        for line in metrics_path.read_text(encoding="utf-8").splitlines():
-            with_step = json.loads(line) if line.strip() else None
-            if with_step is not None and with_step.get("step", 0) <= start_step:
-                metrics.append(with_step)
-        _atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
-
-    def log(rec: dict[str, Any]) -> None:
-        metrics.append(rec)
+    created = not out.exists()
+    say = echo if echo is not None else logger.info
+    try:
         if main:
-            with metrics_path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(rec) + "\n")
+            if resume_dir is None and out.is_dir() and cfg.overwrite:
+                _clear_artefacts(out)
+            out.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=2, default=str))
+        acc.wait_for_everyone()
 
-    def evaluate(step: int) -> dict[str, Any]:
-        model.eval()
-        batches = data.eval_batches(cfg.batch_size, cfg.eval_batches)
-        tot = torch.zeros(3, dtype=torch.float64, device=acc.device)  # (loss·n, n, correct)
-        with torch.no_grad():
-            for b in batches[rank::world]:
-                b = {k: v.to(acc.device) for k, v in b.items()}
-                loss, n, logits = _batch_loss(model, b, cfg.task)
-                tot[0] += loss.double() * n
-                tot[1] += n
-                if cfg.task == "seq-cls":
-                    tot[2] += (logits.argmax(-1) == b["labels"]).sum()
+        global_batch = cfg.batch_size * world
+        params = [p for p in peft.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, cfg.max_steps))
+        start_step = 0
+        if state is not None:
+            opt_tensors = load_state_dict(resume_dir / "optimizer.safetensors")
+            optimizer.load_state_dict(_optimizer_from_files(opt_tensors, state["optimizer"]))
+            scheduler.load_state_dict(state["scheduler"])
+            start_step = int(state["step"])
+            if state.get("world_size", world) * state.get("batch_size", cfg.batch_size) != global_batch:
+                logger.warning("resuming with another global batch (%s) than the checkpoint's: the data order changes", global_batch)
+        model, optimizer = acc.prepare(peft, optimizer)
+        torch.manual_seed(cfg.seed + 1000 * rank + start_step)
+        if state is not None:
+            rngs = state.get("rng", [])
+            if rank < len(rngs):
+                _set_rng_state(rngs[rank])
+
+        metrics: list[dict[str, Any]] = []
+        metrics_path = out / "metrics.jsonl"
+        if main and metrics_path.is_file():
+            for line in metrics_path.read_text(encoding="utf-8").splitlines():
+                with_step = json.loads(line) if line.strip() else None
+                if with_step is not None and with_step.get("step", 0) <= start_step:
+                    metrics.append(with_step)
+            _atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
+
+        def log(rec: dict[str, Any]) -> None:
+            metrics.append(rec)
+            if main:
+                with metrics_path.open("a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+
+        def evaluate(step: int) -> dict[str, Any]:
+            model.eval()
+            batches = data.eval_batches(cfg.batch_size, cfg.eval_batches)
+            tot = torch.zeros(3, dtype=torch.float64, device=acc.device)  # (loss·n, n, correct)
+            with torch.no_grad():
+                for b in batches[rank::world]:
+                    b = {k: v.to(acc.device) for k, v in b.items()}
+                    loss, n, logits = _batch_loss(model, b, cfg.task)
+                    tot[0] += loss.double() * n
+                    tot[1] += n
+                    if cfg.task == "seq-cls":
+                        tot[2] += (logits.argmax(-1) == b["labels"]).sum()
+            model.train()
+            if world > 1:
+                tot = acc.reduce(tot, reduction="sum")
+            if tot[1] == 0:
+                return {}
+            rec: dict[str, Any] = {"step": step, "eval_loss": float(tot[0] / tot[1])}
+            if cfg.task == "causal-lm":
+                rec["eval_ppl"] = math.exp(min(rec["eval_loss"], 700.0))
+            else:
+                rec["eval_accuracy"] = float(tot[2] / tot[1])
+            log(rec)
+            return rec
+
+        def save_checkpoint(step: int, reason: str) -> Path:
+            rng = [_rng_state()]
+            digest = [_params_digest(params)]
+            if world > 1:
+                from accelerate.utils import gather_object
+
+                rng = gather_object(rng)
+                digest = gather_object(digest)
+            final = out / f"checkpoint-{step}"
+            if main:
+                tmp = out / f".checkpoint-{step}.tmp"
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+                acc.unwrap_model(model).save_pretrained(str(tmp))
+                opt_tensors, opt_meta = _optimizer_to_files(optimizer.state_dict())
+                save_state_dict(opt_tensors, tmp / "optimizer.safetensors", metadata={"format": "pt"})
+                st = {
+                    "step": step,
+                    "reason": reason,
+                    "base_model": cfg.model,
+                    "base_fingerprint": fingerprint,
+                    "world_size": world,
+                    "batch_size": cfg.batch_size,
+                    "scheduler": _jsonable(scheduler.state_dict()),
+                    "optimizer": _jsonable(opt_meta),
+                    "rng": rng,
+                    "replica_digests": digest,
+                    "label_names": getattr(data, "label_names", None),
+                    "config": cfg.to_dict(),
+                }
+                (tmp / "trainer_state.json").write_text(json.dumps(st, default=str), encoding="utf-8")
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            acc.wait_for_everyone()
+            return final
+
+        if main:
+            for line in _banner(cfg, base, peft, tok, data, trainable, total, world):
+                say(line)
+            if resume_dir is not None:
+                say(f"resumed from {resume_dir.name} (step {start_step} of {cfg.max_steps})")
+        if start_step == 0:  # the loss curve starts at the base model (ΔW = 0 at init)
+            first = evaluate(0)
+            if main and first:
+                say(_eval_line(first))
+
+        # ---------------------------------------------------------------- loop
+        stop = {"flag": False}
+        old_handler = None
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            stop["flag"] = True
+            signal.signal(signal.SIGINT, old_handler if old_handler is not None else signal.default_int_handler)
+
+        if threading.current_thread() is threading.main_thread():
+            old_handler = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, on_sigint)
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover
+            tqdm = None  # type: ignore[assignment]
+        bar = (
+            tqdm(total=cfg.max_steps, initial=start_step, desc="train", disable=not (main and cfg.progress), dynamic_ncols=True)
+            if tqdm is not None
+            else None
+        )
         model.train()
-        if world > 1:
-            tot = acc.reduce(tot, reduction="sum")
-        if tot[1] == 0:
-            return {}
-        rec: dict[str, Any] = {"step": step, "eval_loss": float(tot[0] / tot[1])}
-        if cfg.task == "causal-lm":
-            rec["eval_ppl"] = math.exp(min(rec["eval_loss"], 700.0))
-        else:
-            rec["eval_accuracy"] = float(tot[2] / tot[1])
-        log(rec)
-        return rec
-
-    def save_checkpoint(step: int, reason: str) -> Path:
-        rng = [_rng_state()]
-        digest = [_params_digest(params)]
-        if world > 1:
-            from accelerate.utils import gather_object
-
-            rng = gather_object(rng)
-            digest = gather_object(digest)
-        final = out / f"checkpoint-{step}"
-        if main:
-            tmp = out / f".checkpoint-{step}.tmp"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-            acc.unwrap_model(model).save_pretrained(str(tmp))
-            opt_tensors, opt_meta = _optimizer_to_files(optimizer.state_dict())
-            save_state_dict(opt_tensors, tmp / "optimizer.safetensors", metadata={"format": "pt"})
-            st = {
-                "step": step,
-                "reason": reason,
-                "base_model": cfg.model,
-                "base_fingerprint": fingerprint,
-                "world_size": world,
-                "batch_size": cfg.batch_size,
-                "scheduler": _jsonable(scheduler.state_dict()),
-                "optimizer": _jsonable(opt_meta),
-                "rng": rng,
-                "replica_digests": digest,
-                "label_names": getattr(data, "label_names", None),
-                "config": cfg.to_dict(),
-            }
-            (tmp / "trainer_state.json").write_text(json.dumps(st, default=str), encoding="utf-8")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        acc.wait_for_everyone()
-        return final
-
-    # ---------------------------------------------------------------- loop
-    stop = {"flag": False}
-    old_handler = None
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        stop["flag"] = True
-        signal.signal(signal.SIGINT, old_handler if old_handler is not None else signal.default_int_handler)
-
-    if threading.current_thread() is threading.main_thread():
-        old_handler = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, on_sigint)
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None  # type: ignore[assignment]
-    bar = (
-        tqdm(total=cfg.max_steps, initial=start_step, desc="train", disable=not (main and cfg.progress), dynamic_ncols=True)
-        if tqdm is not None
-        else None
-    )
-    model.train()
-    step = start_step
-    last_loss = float("nan")
-    last_eval: dict[str, Any] = {}
-    last_ckpt: Path | None = None
-    try:
-        while step < cfg.max_steps:
-            t0 = time.perf_counter()
-            step_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
-            tokens = torch.zeros((), dtype=torch.float64, device=acc.device)
-            for micro in range(cfg.grad_accum):
-                b = data.batch(step, micro, cfg.grad_accum, global_batch, rank, world)
-                b = {k: v.to(acc.device) for k, v in b.items()}
-                sync = micro == cfg.grad_accum - 1
-                ctx = acc.no_sync(model) if not sync else contextlib.nullcontext()
-                with ctx:
-                    loss, _, _ = _batch_loss(model, b, cfg.task)
-                    if needs_unused:  # module_dropout may skip every adapter: keep them in the graph (grad 0)
-                        loss = loss + 0.0 * sum(p.sum() for p in params)
-                    acc.backward(loss / cfg.grad_accum)
-                step_loss += loss.detach().double() / cfg.grad_accum
-                tokens += b["attention_mask"].sum()
-            if cfg.max_grad_norm > 0:
-                acc.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if world > 1:
-                step_loss = acc.reduce(step_loss, reduction="mean")
-                tokens = acc.reduce(tokens, reduction="sum")
-            dt = time.perf_counter() - t0
-            last_loss = float(step_loss)
-            tps = float(tokens) / max(dt, 1e-9)
-            log({"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tps, 1)})
+        step = start_step
+        last_loss = float("nan")
+        last_eval: dict[str, Any] = {}
+        last_ckpt: Path | None = None
+        try:
+            while step < cfg.max_steps:
+                t0 = time.perf_counter()
+                step_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
+                tokens = torch.zeros((), dtype=torch.float64, device=acc.device)
+                for micro in range(cfg.grad_accum):
+                    b = data.batch(step, micro, cfg.grad_accum, global_batch, rank, world)
+                    b = {k: v.to(acc.device) for k, v in b.items()}
+                    sync = micro == cfg.grad_accum - 1
+                    ctx = acc.no_sync(model) if not sync else contextlib.nullcontext()
+                    with ctx:
+                        loss, _, _ = _batch_loss(model, b, cfg.task)
+                        if needs_unused:  # module_dropout may skip every adapter: keep them in the graph (grad 0)
+                            loss = loss + 0.0 * sum(p.sum() for p in params)
+                        acc.backward(loss / cfg.grad_accum)
+                    step_loss += loss.detach().double() / cfg.grad_accum
+                    tokens += b["attention_mask"].sum()
+                if cfg.max_grad_norm > 0:
+                    acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if world > 1:
+                    step_loss = acc.reduce(step_loss, reduction="mean")
+                    tokens = acc.reduce(tokens, reduction="sum")
+                dt = time.perf_counter() - t0
+                last_loss = float(step_loss)
+                tps = float(tokens) / max(dt, 1e-9)
+                log({"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tps, 1)})
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tps:,.0f}")
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                    last_eval = evaluate(step) or last_eval
+                    if main and last_eval and bar is not None:
+                        bar.write(_eval_line(last_eval))
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                    last_ckpt = save_checkpoint(step, "periodic")
+                want = stop["flag"] or (should_stop is not None and should_stop(step))
+                if world > 1:
+                    flag = acc.reduce(torch.tensor(float(want), device=acc.device), reduction="sum")
+                    want = bool(flag > 0)
+                if want and step < cfg.max_steps:
+                    ckpt = save_checkpoint(step, "interrupted")
+                    if main:
+                        _plot(metrics, out / "loss_curve.png")
+                    raise TrainInterrupted(step, ckpt)
+            last_eval = evaluate(step) or last_eval
+            if main and last_eval and bar is not None:
+                bar.write(_eval_line(last_eval))
+            last_ckpt = save_checkpoint(step, "final")
+            if main:
+                acc.unwrap_model(model).save_pretrained(str(out))
+                _plot(metrics, out / "loss_curve.png")
+            acc.wait_for_everyone()
+        finally:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tps:,.0f}")
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                last_eval = evaluate(step) or last_eval
-                if main and last_eval and bar is not None:
-                    bar.write(_eval_line(last_eval))
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                last_ckpt = save_checkpoint(step, "periodic")
-            want = stop["flag"] or (should_stop is not None and should_stop(step))
-            if world > 1:
-                flag = acc.reduce(torch.tensor(float(want), device=acc.device), reduction="sum")
-                want = bool(flag > 0)
-            if want and step < cfg.max_steps:
-                ckpt = save_checkpoint(step, "interrupted")
-                if main:
-                    _plot(metrics, out / "loss_curve.png")
-                raise TrainInterrupted(step, ckpt)
-        last_eval = evaluate(step) or last_eval
-        if main and last_eval and bar is not None:
-            bar.write(_eval_line(last_eval))
-        last_ckpt = save_checkpoint(step, "final")
-        if main:
-            acc.unwrap_model(model).save_pretrained(str(out))
-            _plot(metrics, out / "loss_curve.png")
-        acc.wait_for_everyone()
-    finally:
-        if bar is not None:
-            bar.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
-        if world == 1:  # leave no accelerate singleton (mixed precision, cpu) behind for the caller
-            from accelerate.state import AcceleratorState
+                bar.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+            if world == 1:  # leave no accelerate singleton (mixed precision, cpu) behind for the caller
+                from accelerate.state import AcceleratorState
 
-            AcceleratorState._reset_state(reset_partial_state=True)
+                AcceleratorState._reset_state(reset_partial_state=True)
+    except TrainInterrupted:
+        raise
+    except BaseException:
+        # a run that failed before its first checkpoint leaves no half-written output directory
+        if main and resume_dir is None and out.is_dir() and find_last_checkpoint(out) is None:
+            _clear_artefacts(out)
+            if created and not any(out.iterdir()):
+                out.rmdir()
+        raise
     return {
         "step": step,
         "train_loss": last_loss,
@@ -830,6 +888,31 @@ def train(cfg: TrainConfig, should_stop: Callable[[int], bool] | None = None) ->
         "rank": rank,
         "world_size": world,
     }
+
+
+def _n_samples(data: CausalLMData | ClassificationData) -> tuple[int, int]:
+    if isinstance(data, CausalLMData):
+        return int(data.train.shape[0]), int(data.eval.shape[0])
+    return len(data.train_ids), len(data.eval_ids)
+
+
+def _banner(
+    cfg: TrainConfig, base: nn.Module, model: LoHaModel, tok: Any, data: CausalLMData | ClassificationData,
+    trainable: int, total: int, world: int,
+) -> list[str]:
+    """The start lines: what is trained, on what, how."""
+    loha = model.peft_config[model.active_adapters[0]]
+    n_train, n_eval = _n_samples(data)
+    tokens = "UTF-8 bytes (no tokenizer in the model directory)" if tok.name == "bytes" else f"tokenizer {tok.name}"
+    unit = f"blocks of {cfg.seq_len} tokens" if isinstance(data, CausalLMData) else f"texts (up to {cfg.seq_len} tokens)"
+    pct = 100.0 * trainable / max(total, 1)
+    return [
+        f"lohakit train: {cfg.model} ({type(base).__name__}), LoHa r={loha.r} alpha={loha.alpha:g} on "
+        f"{len(list(model.loha_layers()))} modules: {trainable:,} of {total:,} parameters trainable ({pct:.3f}%)",
+        f"data: {n_train} train / {n_eval} eval {unit}, {tokens}",
+        f"{cfg.max_steps} steps of {cfg.batch_size * world * cfg.grad_accum} samples "
+        f"({world} process{'es' if world > 1 else ''} x batch {cfg.batch_size} x accumulation {cfg.grad_accum}), lr {cfg.lr:g}",
+    ]
 
 
 def _eval_line(rec: dict[str, Any]) -> str:
