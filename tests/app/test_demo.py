@@ -54,6 +54,9 @@ def test_demo_quick_end_to_end(tmp_path, capsys, monkeypatch):
     adapter = Path(summary["adapter_dir"])
     assert {p.name for p in adapter.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
     assert "merged == unmerged" in out
+    from lohakit.app.demo import relative_change
+
+    assert f"({relative_change(summary['code_ppl_before'], summary['loha']['ppl_after'])})" in out
 
     # second run: the base comes from the cache and gives the same "before" perplexity
     again = run_demo(cache_dir=cache, output_dir=tmp_path / "o2", quick=True, with_lora=False, echo=lambda _: None)
@@ -71,3 +74,19 @@ def test_demo_rebuilds_a_damaged_cache(tmp_path):
     second = run_demo(cache_dir=tmp_path, output_dir=tmp_path / "o", settings=s, with_lora=False, echo=lambda _: None)
     assert not second["base_cached"] and second["ok"]
     assert second["code_ppl_before"] == pytest.approx(first["code_ppl_before"], rel=1e-5)  # same seed, same base
+
+
+def test_relative_change_reads_the_sign_out():
+    from lohakit.app.demo import relative_change
+
+    assert relative_change(22.821, 23.058) == "1.0% higher"  # was printed as "(-1.0% lower)"
+    assert relative_change(23.058, 22.821) == "1.0% lower"
+    assert relative_change(10.0, 10.001) == "unchanged"
+    assert relative_change(0.0, 1.0) == "change undefined"
+
+
+def test_demo_help_says_what_is_written(capsys):
+    assert main(["demo", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "temporary" not in text and "merged model," not in text
+    assert "demo-output" in text and "not written" in text

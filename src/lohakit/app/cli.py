@@ -162,10 +162,12 @@ def _add_demo(sub: Any) -> None:
         help="offline end-to-end demo: pretrain a tiny Llama on prose, adapt it to Python code with LoHa",
         description="Build a small byte-level Llama, pretrain it briefly on English prose shipped with Python "
         "(cached), adapt it with LoHa to Python source from the standard library, compare with PEFT LoRA "
-        "at equal parameter count, then save, reload and merge the adapter. Offline, CPU, about 1-2 minutes.",
+        "at equal parameter count, then save and reload the adapter and check that the merged weights give the "
+        "unmerged outputs (the merged model is checked in memory, not written). Offline, CPU, about a minute.",
     )
     p.add_argument("--cache-dir", help="where the pretrained base model is cached (default: $XDG_CACHE_HOME/lohakit or ~/.cache/lohakit)")
-    p.add_argument("--output-dir", help="where the adapter, merged model, metrics and loss curve go (default: a new temporary directory)")
+    p.add_argument("--output-dir", help="where the adapter (loha-adapter/), loss_curve.png and demo_summary.json go "
+                   "(default: <cache-dir>/demo-output, <cache-dir>/demo-output-quick with --quick)")
     p.add_argument("--quick", action="store_true", help="a much smaller run (for tests): same steps, less training")
     p.add_argument("--no-lora", action="store_true", help="skip the PEFT LoRA comparison")
     p.add_argument("--rebuild-base", action="store_true", help="pretrain the base model again even when cached")

@@ -87,6 +87,16 @@ class DemoSettings:
                     pad_token_id=None, tie_word_embeddings=False)
 
 
+def relative_change(before: float, after: float) -> str:
+    """``"3.2% lower"`` / ``"1.0% higher"`` / ``"unchanged"``: the sign read out, never a negative 'lower'."""
+    if not math.isfinite(before) or not math.isfinite(after) or before == 0:
+        return "change undefined"
+    pct = 100.0 * (after - before) / abs(before)
+    if round(pct, 1) == 0:
+        return "unchanged"
+    return f"{abs(pct):.1f}% {'higher' if pct > 0 else 'lower'}"
+
+
 def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/lohakit`` (default ``~/.cache/lohakit``)."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -447,7 +457,7 @@ def _run(
     runs["LoHa"] = {"params": trainable, "losses": losses, "evals": evals, "seconds": secs,
                     "ppl_before": ppl_code_before, "ppl_after": ppl_after, "prose_ppl_after": perplexity(loha, prose_eval)}
     echo(f"    {s.adapt_steps} steps at lr {s.loha_lr:g} in {secs:.1f}s: held-out code perplexity {ppl_code_before:.3f} -> {ppl_after:.3f} "
-         f"({100 * (1 - ppl_after / ppl_code_before):.1f}% lower); prose {ppl_prose:.3f} -> {runs['LoHa']['prose_ppl_after']:.3f}")
+         f"({relative_change(ppl_code_before, ppl_after)}); prose {ppl_prose:.3f} -> {runs['LoHa']['prose_ppl_after']:.3f}")
 
     # ---- 3. LoRA at equal parameter count
     if with_lora:
@@ -464,7 +474,7 @@ def _run(
                             "ppl_before": ppl_code_before, "ppl_after": l_after}
             echo(f"[3] PEFT LoRA r={2 * s.rank} alpha={2 * s.alpha:g} (same data and steps, lr {s.lora_lr:g}): trainable {lp:,} parameters "
                  f"({'equal to' if lp == trainable else 'vs'} LoHa's {trainable:,}); {s.adapt_steps} steps in {l_secs:.1f}s: "
-                 f"held-out code perplexity {ppl_code_before:.3f} -> {l_after:.3f}")
+                 f"held-out code perplexity {ppl_code_before:.3f} -> {l_after:.3f} ({relative_change(ppl_code_before, l_after)})")
     else:
         echo("[3] PEFT LoRA comparison skipped (--no-lora)")
 
