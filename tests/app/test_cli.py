@@ -252,3 +252,13 @@ def test_merge_bad_paths(which, words, llama_and_adapter, tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and all(w in err for w in words)
     assert not (tmp_path / "o").exists()
+
+
+def test_merge_given_a_kohya_file_says_to_convert_first(llama_and_adapter, tmp_path, capsys):
+    d, *_ = llama_and_adapter
+    kohya = tmp_path / "style.safetensors"
+    kohya.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    assert main(["merge", "--base", str(d / "base"), "--adapter", str(kohya), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "kohya/LyCORIS single-file adapter" in err and "lohakit convert" in err, err
+    assert not (tmp_path / "o").exists()

@@ -67,6 +67,12 @@ def merge_to_dir(
         raise FileExistsError(f"output directory {str(out_p)!r} already exists; pass --overwrite to replace it")
     if not adapter_p.exists():
         raise FileNotFoundError(f"adapter {str(adapter_p)!r} does not exist")
+    if adapter_p.is_file():
+        kind = "a kohya/LyCORIS single-file adapter" if adapter_p.suffix == ".safetensors" else "a file"
+        raise ValueError(
+            f"adapter {str(adapter_p)!r} is {kind}, not a PEFT adapter directory; convert it first: "
+            f"lohakit convert {adapter_p} ADAPTER_DIR --to peft --base {base}"
+        )
     if not (adapter_p / "adapter_config.json").is_file():
         raise ValueError(f"adapter {str(adapter_p)!r} is not a PEFT adapter directory (no adapter_config.json)")
     if not Path(base).exists():
