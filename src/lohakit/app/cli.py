@@ -221,9 +221,10 @@ def _add_convert(sub: Any) -> None:
     p.add_argument("dst", metavar="OUT", help="output directory (peft, lora) or .safetensors file (kohya)")
     p.add_argument("--to", required=True, choices=["peft", "kohya", "lora"], help="target format")
     p.add_argument("--rank", type=int, help="--to lora: compress to this rank (default: exact, rank r1*r2)")
-    p.add_argument("--base", help="model directory: needed for --to peft (kohya names are matched against its modules); "
-                   "optional for --to lora (conv kernels) and --to kohya")
-    p.add_argument("--prefix", default="lora_unet", help="kohya prefix of the model: lora_unet, lora_te, lora_te1, ... (lora_unet)")
+    p.add_argument("--base", help="model directory (transformers model, diffusers model or pipeline directory): needed "
+                   "for --to peft (file names are matched against its modules); --to lora: conv kernels; --to kohya: names")
+    p.add_argument("--prefix", default=None, help="kohya prefix of the model: lora_unet, lora_te, lora_te1, ... "
+                   "(default: lora_unet for diffusion models; a language-model adapter needs it given)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_cmd_convert)
 

@@ -4,18 +4,22 @@ A thin front end over :mod:`lohakit.formats.kohya` and :mod:`lohakit.lora` (impo
 
 | IN          | --to   | OUT                 | needs                                  |
 |-------------|--------|---------------------|----------------------------------------|
-| PEFT dir    | kohya  | .safetensors        | ``--prefix`` (default ``lora_unet``)   |
+| PEFT dir    | kohya  | .safetensors        | ``--prefix`` for a language model (diffusion models: ``lora_unet``) |
 | kohya file  | peft   | directory           | ``--base`` (kohya names are lossy)     |
 | PEFT dir    | lora   | directory or .safetensors (kohya LoRA) | ``--base`` optional (conv kernels) |
-| kohya file  | lora   | .safetensors (kohya LoRA) |                                  |
+| kohya file  | lora   | .safetensors (kohya LoRA) | ``--base`` when a flat LoHa may sit on a conv |
 
-The exact LoRA has rank r1·r2 (ΔW = s·P Q, BRIEF §4); ``--rank K`` compresses it (QR of the
-factors + SVD of a small core) and the report gives the worst relative error.
+``--base`` is a transformers model directory, a diffusers model directory or a diffusers
+pipeline directory (``model_index.json``: its ``unet``/``transformer`` and text encoders are
+loaded, the rest is not). The exact LoRA has rank r1·r2 (ΔW = s·P Q, BRIEF §4); ``--rank K``
+compresses the modules whose exact rank is above K (QR of the factors + SVD of a small core)
+and the report gives the worst relative error.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +40,25 @@ def _kind(src: Path) -> str:
     raise ValueError(f"input {str(src)!r}: expected a PEFT adapter directory or a kohya .safetensors file")
 
 
+#: pipeline components ``--base PIPELINE_DIR`` loads (the rest of a pipeline has no LoHa modules)
+_PIPELINE_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
 def load_any_model(model_dir: str | os.PathLike) -> Any:
-    """A transformers model directory, or a diffusers component directory (config with ``_class_name``)."""
+    """A transformers model directory, a diffusers component directory (config with ``_class_name``),
+    or a diffusers pipeline directory (``model_index.json``; returns an object with its
+    ``unet``/``transformer`` and ``text_encoder*`` components)."""
     import json
+    import types
 
     d = Path(model_dir)
     if not d.exists():
         raise FileNotFoundError(f"base model directory {str(d)!r} does not exist")
+    if d.is_dir() and (d / "model_index.json").is_file():
+        parts = {c: load_any_model(d / c) for c in _PIPELINE_COMPONENTS if (d / c / "config.json").is_file()}
+        if not parts:
+            raise ValueError(f"pipeline directory {str(d)!r} has none of {list(_PIPELINE_COMPONENTS)} with a config.json")
+        return types.SimpleNamespace(**parts)
     if d.is_dir() and (d / "config.json").is_file():
         try:
             cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
@@ -88,6 +104,80 @@ def _peft_dir_as_state_dict(src: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return out, {n: p for p, n in names.items()}
 
 
+def _pipeline_or_model(base: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
+    """The loaded ``--base`` and its kohya prefixes: a family's denoiser or pipeline gets the
+    family's prefixes (lora_unet, lora_te1, …); any other model is returned alone (no prefixes)."""
+    import torch.nn as nn
+
+    from ..integrations.diffusers import pipeline_models
+
+    obj = load_any_model(base)
+    try:
+        models, _, _ = pipeline_models(obj)
+    except TypeError:
+        if not isinstance(obj, nn.Module):
+            raise ValueError(f"--base {str(base)!r}: no unet/transformer of a known family in the pipeline directory") from None
+        return obj, {}
+    return obj, models
+
+
+def _model_for_prefix(base: str | os.PathLike, prefix: str | None) -> tuple[Any, str]:
+    """The one model of ``--base`` that ``--prefix`` names (default: the denoiser, ``lora_unet``)."""
+    obj, models = _pipeline_or_model(base)
+    if not models:
+        return obj, prefix or "lora_unet"
+    prefix = prefix or "lora_unet"
+    if prefix in models:
+        return models[prefix], prefix
+    from ..formats.families import family_of_model
+
+    fam = family_of_model(models["lora_unet"])
+    slot = fam.slot_for(prefix) if fam is not None else None
+    if slot is not None and slot.save_prefix in models:
+        return models[slot.save_prefix], prefix
+    raise ValueError(f"--prefix {prefix!r}: --base {str(base)!r} has models for {sorted(models)}")
+
+
+_DIFFUSION_PATH = re.compile(
+    r"(^|\.)(down_blocks|up_blocks|mid_block|transformer_blocks|single_transformer_blocks|conv_in|conv_out|time_embedding|"
+    r"x_embedder|context_embedder|pos_embed|time_text_embed|norm_out)(\.|$)"
+)
+_TEXT_ENCODER_PATH = re.compile(r"^(text_model\.)?encoder\.(layers\.\d+\.(self_attn|mlp)|block\.\d+\.layer)\.")
+
+
+def _default_kohya_prefix(paths: list[str], src: Path) -> str:
+    """``lora_unet`` for a diffusion model's modules, ``lora_te`` for a CLIP/T5 text encoder's;
+    anything else (a language model) is refused: kohya files are for diffusion pipelines."""
+    if any(_DIFFUSION_PATH.search(p) for p in paths):
+        return "lora_unet"
+    if paths and all(_TEXT_ENCODER_PATH.match(p) for p in paths):
+        return "lora_te"
+    sample = paths[:3]
+    raise ValueError(
+        f"{src}: modules such as {sample} are not a diffusion model's or text encoder's; kohya files are read by "
+        "Stable Diffusion-family tools only. Pass --prefix (lora_unet, lora_te, …) to write one anyway"
+    )
+
+
+def _lora_report(exports: dict[str, Any], rank: int | None, to_file: bool, d: Path) -> str:
+    ranks = sorted({e.rank for e in exports.values()})
+    full = sorted({e.full_rank for e in exports.values()})
+    worst = max(e.rel_error for e in exports.values())
+    kind = "kohya file" if to_file else "PEFT directory"
+    if rank is None:
+        how = "exact"
+    else:
+        squeezed = [e for e in exports.values() if e.full_rank > rank]
+        if not squeezed:
+            how = f"exact: --rank {rank} is at or above every module's exact rank {full}, nothing was compressed"
+        else:
+            how = (
+                f"{len(squeezed)} of {len(exports)} modules compressed from exact rank {sorted({e.full_rank for e in squeezed})} "
+                f"to rank {rank}, worst relative error {worst:.3e}"
+            )
+    return f"wrote LoRA ({kind}) {d}: {len(exports)} modules, rank {ranks}, {how}"
+
+
 def convert(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -95,9 +185,13 @@ def convert(
     rank: int | None = None,
     overwrite: bool = False,
     base: str | os.PathLike | None = None,
-    prefix: str = "lora_unet",
+    prefix: str | None = None,
 ) -> str:
-    """Convert ``src`` to format ``to`` ("peft", "kohya" or "lora") at ``dst``; return a one-line report."""
+    """Convert ``src`` to format ``to`` ("peft", "kohya" or "lora") at ``dst``; return a one-line report.
+
+    ``prefix`` None: ``lora_unet`` for a diffusion model (``--to kohya`` of a language-model
+    adapter then needs it given); with a pipeline ``--base`` it picks the component.
+    """
     if to not in ("peft", "kohya", "lora"):
         raise ValueError(f"--to must be peft, kohya or lora, got {to!r}")
     if rank is not None and (to != "lora" or rank < 1):
@@ -116,7 +210,13 @@ def convert(
             raise ValueError(f"--to kohya converts a PEFT adapter directory; {str(s)!r} already is a kohya file")
         if d.suffix.lower() != ".safetensors":
             raise ValueError(f"--to kohya writes a single .safetensors file; OUT {str(d)!r} must end with .safetensors")
-        model = load_any_model(base) if base else None
+        if base:
+            model, prefix = _model_for_prefix(base, prefix)
+        else:
+            model = None
+            if prefix is None:
+                sd, back = _peft_dir_as_state_dict(s)
+                prefix = _default_kohya_prefix(sorted(back.values()), s)
         kohya_fmt.peft_to_kohya(s, d, prefix=prefix, model=model)
         return f"wrote kohya LoHa file {d} (prefix {prefix})"
     if to == "peft":
@@ -124,7 +224,7 @@ def convert(
             raise ValueError(f"--to peft converts a kohya .safetensors file; {str(s)!r} already is a PEFT directory")
         if base is None:
             raise ValueError("--to peft needs --base MODEL_DIR: kohya module names are matched against the model's modules")
-        model = load_any_model(base)
+        model, prefix = _model_for_prefix(base, prefix)
         config, report = kohya_fmt.kohya_to_peft(s, model, d, prefix=prefix, base_model_name_or_path=str(base))
         return f"wrote PEFT LoHa directory {d}: {len(report.matched)} modules, r={config.r}, alpha={config.alpha:g}" + (
             f"; {len(report.unused_keys)} key(s) of the file unused" if report.unused_keys else ""
@@ -140,7 +240,10 @@ def convert(
             raise ValueError("a kohya input exports to a kohya LoRA file: OUT must end with .safetensors")
         from ..core.io import load_state_dict
 
-        exports = lora_mod.to_lora(load_state_dict(s), rank=rank)
+        models = _pipeline_or_model(base)[1] if base else None
+        if base and not models:
+            models = {prefix or "lora_unet": load_any_model(base)}
+        exports = lora_mod.to_lora(load_state_dict(s), rank=rank, models=models)
         lora_mod.save_lora_kohya(d, {"": exports})
     else:
         if base is not None:
@@ -151,10 +254,9 @@ def convert(
             sd, back = _peft_dir_as_state_dict(s)
             exports = {back[k]: v for k, v in lora_mod.to_lora(sd, rank=rank).items()}
         if to_file:
+            if prefix is None:
+                prefix = _default_kohya_prefix(sorted(exports), s)
             lora_mod.save_lora_kohya(d, {prefix: exports})
         else:
             lora_mod.save_lora_peft(exports, d, base_model_name_or_path=str(base) if base else None)
-    ranks = sorted({e.rank for e in exports.values()})
-    worst = max(e.rel_error for e in exports.values())
-    how = "exact" if rank is None else f"compressed to rank {rank}, worst relative error {worst:.3e}"
-    return f"wrote LoRA ({'kohya file' if to_file else 'PEFT directory'}) {d}: {len(exports)} modules, rank {ranks}, {how}"
+    return _lora_report(exports, rank, to_file, d)

@@ -57,6 +57,7 @@ class LoraExport:
         rel_error: Relative Frobenius error of ``B A`` against the LoHa ΔW (0 for exact export).
         transposed: The base layer stores its weight ``(in, out)`` (transformers' Conv1D).
         is_conv: The base layer is a convolution.
+        full_rank: The exact export's rank r1·r2 (``rank`` is lower when compressed).
     """
 
     lora_A: torch.Tensor
@@ -65,6 +66,7 @@ class LoraExport:
     rel_error: float
     transposed: bool = False
     is_conv: bool = False
+    full_rank: int = 0
 
     def delta_weight(self) -> torch.Tensor:
         """``B A`` in the (out, in, *k) orientation (for checks; forms the full matrix)."""
@@ -137,12 +139,13 @@ def _export_one(
         raise ValueError(f"{where}: grouped convolution (groups={geom.groups}) has no LoRA form; not exported")
     dtype = torch.float32
     b, a = loha_to_lora_factors(factors, scale, geom.kernel_size if geom is not None else ())
+    full = int(b.shape[1])
     err = 0.0
     if rank is not None:
         b, a, err = compress_lora(b, a, rank)
     b, a, is_conv = _shape(b.to(dtype), a.to(dtype), geom)
     return LoraExport(a.contiguous(), b.contiguous(), int(a.shape[0]), err,
-                      transposed=bool(geom.transposed) if geom is not None else False, is_conv=is_conv)
+                      transposed=bool(geom.transposed) if geom is not None else False, is_conv=is_conv, full_rank=full)
 
 
 def _from_module(model: nn.Module, adapter_name: str | None, rank: int | None) -> dict[str, LoraExport]:
@@ -167,27 +170,76 @@ def _from_module(model: nn.Module, adapter_name: str | None, rank: int | None) -
     return out
 
 
-def _from_kohya_state_dict(sd: Mapping[str, torch.Tensor], rank: int | None) -> dict[str, LoraExport]:
+def _kohya_geometries(
+    names: list[str], models: Mapping[str, nn.Module] | None
+) -> dict[str, Geometry]:
+    """Geometry of the module each file module name maps to in ``models`` (fused names: none)."""
+    if not models:
+        return {}
+    from ..core.layers import geometry_of
+    from ..formats.kohya import _unwrap, kohya_name_table
+
+    table = kohya_name_table(models)
+    out: dict[str, Geometry] = {}
+    for name in names:
+        hits = table.get(name, [])
+        if len(hits) == 1 and isinstance(hits[0][1], str):
+            prefix, path = hits[0]
+            m = _unwrap(models[prefix]).get_submodule(path)
+            geom = geometry_of(getattr(m, "base_layer", m))
+            if geom is not None:
+                out[name] = geom
+    return out
+
+
+def _conv_test(names: list[str]) -> Any:
+    """``name -> bool``: whether a file module may be a convolution (its kernel is not in a flat
+    LoHa), by the conv names of the file's family (of every family when the file does not tell)."""
+    import re
+
+    from ..formats.families import _families, guess_file_family
+
+    fam, _ = guess_file_family(names)
+    words = [fam.conv_words] if fam is not None else [f.conv_words for f in _families()]
+    return lambda name: bool(re.search(r"conv", name)) or any(re.search(w, name) for w in words)
+
+
+def _from_kohya_state_dict(
+    sd: Mapping[str, torch.Tensor], rank: int | None, models: Mapping[str, nn.Module] | None = None
+) -> dict[str, LoraExport]:
+    from ..core.io import LoHaFormatError
     from ..formats.kohya import _group_keys
 
     groups, _ = _group_keys(sd)
     if not groups:
-        raise ValueError(f"state dict has no LoHa module (keys '<name>.hada_w1_a' …); first keys: {sorted(sd)[:5]}")
+        raise LoHaFormatError(f"state dict has no LoHa module (keys '<name>.hada_w1_a' …); first keys: {sorted(sd)[:5]}")
+    geoms = _kohya_geometries(sorted(groups), models)
+    may_be_conv = _conv_test(sorted(groups))
     out: dict[str, LoraExport] = {}
     for name, g in sorted(groups.items()):
         missing = [p for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") if p not in g]
         if missing:
-            raise ValueError(f"kohya module {name!r}: missing key(s) {missing}")
+            raise LoHaFormatError(f"kohya module {name!r}: missing key(s) {missing}")
         r = int(g["hada_w1_b"].shape[0])
         alpha = float(g["alpha"].float().reshape(())) if "alpha" in g else float(r)
         f = HadaFactors(g["hada_w1_a"], g["hada_w1_b"], g["hada_w2_a"], g["hada_w2_b"], g.get("hada_t1"), g.get("hada_t2"))
         if f.t1 is not None and f.t2 is None:
-            raise ValueError(f"kohya module {name!r}: hada_t1 without hada_t2")
-        geom = None
-        if f.t1 is not None:  # Tucker factors carry the kernel: shape the conv export
+            raise LoHaFormatError(f"kohya module {name!r}: hada_t1 without hada_t2")
+        geom = geoms.get(name)
+        if geom is None and f.t1 is not None:  # Tucker factors carry the kernel: shape the conv export
             k = tuple(f.t1.shape[2:])
             geom = Geometry(out_features=f.w1a.shape[1], in_features=f.w1b.shape[1], kernel_size=k,
                             stride=(1,) * len(k), padding=(0,) * len(k), dilation=(1,) * len(k))
+        elif geom is None and may_be_conv(name):
+            raise LoHaFormatError(
+                f"kohya module {name!r}: a flat LoHa on what may be a convolution; its kernel shape is not in the "
+                "file, so its LoRA factors cannot be shaped: pass the base model (convert --base MODEL_DIR)"
+            )
+        elif geom is not None and int(f.w1b.shape[-1]) != geom.in_features * geom.kernel_numel and f.t1 is None:
+            raise LoHaFormatError(
+                f"kohya key {name}.hada_w1_b: shape {tuple(f.w1b.shape)} does not fit the model's module "
+                f"(in {geom.in_features} × kernel {geom.kernel_size})"
+            )
         out[name] = _export_one(f, alpha / r, geom, rank, name)
     return out
 
@@ -196,17 +248,22 @@ def to_lora(
     model_or_state_dict: Union[nn.Module, Mapping[str, torch.Tensor]],
     rank: int | None = None,
     adapter_name: str | None = None,
+    models: Mapping[str, nn.Module] | None = None,
 ) -> dict[str, LoraExport]:
     """Export LoHa adapters as LoRA factors: exact (rank r1·r2) or compressed to ``rank``.
 
     Args:
         model_or_state_dict: A LoHaModel / any module holding LoHa layers (keys: module paths),
-            or a kohya LoHa state dict (keys: kohya module names; flat convs come out 2-D since
-            the kernel is unknown without the model).
+            or a kohya LoHa state dict (keys: file module names). From a state dict, Tucker convs
+            carry their kernel; a flat LoHa on a module that may be a convolution needs
+            ``models`` (else :class:`~lohakit.core.io.LoHaFormatError`: the kernel is unknown).
         rank: None for the exact export, else the target rank (QR + small SVD, never an SVD
             of the full ΔW).
         adapter_name: Which adapter (default: the active one of a LoHaModel, else "default"
             or the only one).
+        models: For a state dict: prefix -> model (e.g. ``pipeline_models(pipe)[0]``); file names
+            are matched as :func:`~lohakit.formats.kohya.load_kohya` does and conv factors get the
+            module's kernel.
 
     Returns:
         module key -> :class:`LoraExport` (``rel_error`` per module; 0.0 when exact).
@@ -214,7 +271,7 @@ def to_lora(
     if isinstance(model_or_state_dict, nn.Module):
         return _from_module(model_or_state_dict, adapter_name, rank)
     if isinstance(model_or_state_dict, Mapping):
-        return _from_kohya_state_dict(model_or_state_dict, rank)
+        return _from_kohya_state_dict(model_or_state_dict, rank, models)
     raise TypeError(f"to_lora needs an nn.Module or a state dict, got {type(model_or_state_dict).__name__}")
 
 
