@@ -190,15 +190,22 @@ def save_loha_as_lora(
     dtype: torch.dtype | None = torch.float16,
     metadata: Mapping[str, str] | None = None,
 ) -> dict[str, float]:
-    """Write a pipeline's LoHa adapter as a kohya LoRA file (exact, or compressed to ``rank``).
+    """Write a pipeline's LoHa adapter as a LoRA file (exact, or compressed to ``rank``).
 
-    Names follow the pipeline family (SGM UNet names and ``lora_te1``/``lora_te2`` for SDXL), so
-    LoRA-only runtimes, diffusers' ``load_lora_weights`` included, can serve the adapter.
+    Names per family, so that LoRA-only runtimes can serve the adapter: SD 1.x/2.x and SDXL as
+    kohya LoRA (``lora_unet_…`` (SGM names for SDXL), ``lora_te…``; diffusers' ``load_lora_weights``,
+    ComfyUI and A1111 read it). FLUX.1 and SD3: the transformer and CLIP encoders in diffusers'
+    PEFT keys (``transformer.<path>.lora_A.weight`` / ``lora_B.weight``,
+    ``text_encoder(_2).text_model.….lora_A.weight``; scale 1, no alpha), which diffusers and
+    ComfyUI both read; T5 encoders as kohya ``lora_te2_`` (FLUX) / ``lora_te3_`` (SD3), which
+    ComfyUI reads (diffusers has no T5 LoRA for these pipelines).
 
     Returns:
-        kohya module name -> relative Frobenius error of the export (0.0 when exact).
+        file module name -> relative Frobenius error of the export (0.0 when exact).
     """
-    from .lora import lora_kohya_name, save_lora_kohya, to_lora
+    from ..formats.families import family_by_name, text_encoder_save_path
+    from ..formats.kohya import _check_output, _write_kohya_file
+    from .lora import lora_kohya_name, lora_kohya_state_dict, lora_peft_state_dict, to_lora
 
     models, names, meta = _export_setup(pipe, metadata)
     exports = {}
@@ -207,5 +214,29 @@ def save_loha_as_lora(
             exports[prefix] = to_lora(_unwrap(model), rank=rank, adapter_name=adapter_name)
     if not exports:
         raise ValueError(f"pipeline has no LoHa adapter {adapter_name!r}")
-    save_lora_kohya(path, exports, dtype=dtype, metadata=meta, names=names, models=models)
-    return {lora_kohya_name(prefix, p, names, models): e.rel_error for prefix, ex in exports.items() for p, e in ex.items()}
+    path, extra = _check_output("save_loha_as_lora", path, meta)
+    fam = family_by_name(pipeline_models(pipe)[2])
+    peft_style: dict[str, str] = {}  # prefix -> dotted key prefix, for the parts written in diffusers' PEFT keys
+    if fam.component == "transformer":
+        peft_style["lora_unet"] = "transformer."
+        for slot in fam.text_encoders:
+            te = models.get(slot.save_prefix)
+            if te is not None and "CLIP" in type(_unwrap(te)).__name__:
+                peft_style[slot.save_prefix] = slot.diffusers_prefixes[0]
+    kohya_part = {p: e for p, e in exports.items() if p not in peft_style}
+    sd: dict[str, torch.Tensor] = {}
+    out_meta = {"ss_network_module": "networks.lora"}
+    if kohya_part:
+        sd, out_meta = lora_kohya_state_dict(kohya_part, dtype, names, models)
+    errors = {lora_kohya_name(p, q, names, models): e.rel_error for p, ex in kohya_part.items() for q, e in ex.items()}
+    for prefix, dotted in peft_style.items():
+        if prefix not in exports:
+            continue
+        ex = exports[prefix]
+        if prefix != "lora_unet":
+            ex = {text_encoder_save_path(q): e for q, e in ex.items()}
+        part = lora_peft_state_dict(ex, prefix=dotted)
+        sd.update({k: (v.to(dtype) if dtype is not None else v) for k, v in part.items()})
+        errors.update({f"{dotted}{q}": e.rel_error for q, e in ex.items()})
+    _write_kohya_file(sd, path, out_meta, extra)
+    return errors
