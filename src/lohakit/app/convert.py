@@ -226,7 +226,10 @@ def convert(
             raise ValueError("--to peft needs --base MODEL_DIR: kohya module names are matched against the model's modules")
         model, prefix = _model_for_prefix(base, prefix)
         config, report = kohya_fmt.kohya_to_peft(s, model, d, prefix=prefix, base_model_name_or_path=str(base))
-        return f"wrote PEFT LoHa directory {d}: {len(report.matched)} modules, r={config.r}, alpha={config.alpha:g}" + (
+        n_model = len(config.target_modules)
+        where = f"{len(report.matched)} modules" if n_model == len(report.matched) else (
+            f"{len(report.matched)} file modules on {n_model} model modules (fused blocks split)")
+        return f"wrote PEFT LoHa directory {d}: {where}, r={config.r}, alpha={config.alpha:g}" + (
             f"; {len(report.unused_keys)} key(s) of the file unused" if report.unused_keys else ""
         )
     # --to lora

@@ -1,5 +1,9 @@
 """``lohakit inspect``: what is inside a LoHa adapter, module by module, without building ΔW.
 
+The report names the model family the file's module names give away (SD 1.x/2.x, SDXL, FLUX.1,
+SD3/3.5; see :mod:`lohakit.formats.families`), e.g. a kohya FLUX file's fused
+``lora_unet_double_blocks_0_img_attn_qkv`` rows are listed as stored (q, k, v stacked).
+
 Reads a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) or a
 kohya/LyCORIS ``.safetensors`` file; tensors are read through :func:`lohakit.core.io.load_state_dict` (never unpickled).
 
@@ -133,6 +137,10 @@ def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
     if not data["modules"]:
         raise ValueError(f"adapter {str(path)!r} holds no LoHa (hada_*) tensors")
     rows = [_module_row(m, f, data["alpha"].get(m)) for m, f in sorted(data["modules"].items())]
+    from ..formats.families import guess_file_family
+
+    fam, evidence = guess_file_family(list(data["modules"]))
+    family = fam.label if fam is not None else (" + ".join(sorted(evidence)) + " (mixed)" if len(evidence) > 1 else None)
     totals = {
         "modules": len(rows),
         "params": sum(r["params"] for r in rows),
@@ -140,7 +148,7 @@ def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
         "delta_norm": math.sqrt(sum(r["delta_norm"] ** 2 for r in rows)),
         "other_keys": len(data["other_keys"]),
     }
-    return {"format": data["format"], "path": data["path"], "modules": rows, "totals": totals}
+    return {"format": data["format"], "path": data["path"], "family": family, "modules": rows, "totals": totals}
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -168,7 +176,9 @@ def format_table(report: dict[str, Any]) -> str:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     t = report["totals"]
-    out = [f"{report['format']} adapter: {report['path']}", line(head), line(["-" * w for w in widths])]
+    fam = report.get("family")
+    title = f"{report['format']} adapter: {report['path']}" + (f" (module names of {fam})" if fam else "")
+    out = [title, line(head), line(["-" * w for w in widths])]
     out += [line(row) for row in body]
     out.append(
         f"total: {t['modules']} modules, {t['params']:,} parameters, {t['tucker_modules']} Tucker, "

@@ -1111,8 +1111,10 @@ def peft_to_kohya(
         peft_directory: Folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
         path: Output ``.safetensors``.
         prefix: kohya prefix for the model (``lora_unet``, ``lora_te``, …).
-        model: Optional; used to find Conv1d layers and legacy name prefixes (CLIPTextModel's
-            ``text_model`` under transformers 5).
+        model: Optional; used to find Conv1d layers and the family's names (a FLUX/SD3
+            transformer's modules are written ``lora_transformer_<path>``; without the model the
+            paths tell the family when they can). Text encoders are written with CLIP's
+            ``text_model`` level with or without the model.
         dtype: Storage dtype.
         metadata: Extra header entries (strings).
         names: ``{module path: kohya name}`` overrides (SDXL's SGM names).
@@ -1152,11 +1154,21 @@ def peft_to_kohya(
     conv1d = set()
     if model is not None:
         conv1d = {p for p, m in _adaptable_modules(_unwrap(model)) if isinstance(getattr(m, "base_layer", m), nn.Conv1d)}
+    if model is None and prefix == "lora_unet" and not names:
+        # no model: a DiT family's module paths still tell the family, and so the names its runtimes map
+        from .families import guess_file_family
+
+        fam, _ = guess_file_family(list(modules))
+        style = fam.save_style if fam is not None else None
+        if fam is None and any(m.startswith("transformer_blocks.") for m in modules):
+            style = "lora_transformer_"  # a DiT's top-level blocks (FLUX and SD3 are both written this way)
+        if style not in (None, "kohya", "original"):
+            names = {mpath: f"{style}{mpath.replace('.', '_')}" for mpath in modules}
     entries: list[_Entry] = []
     for mpath, g in sorted(modules.items()):
         missing = [p for p in _REQUIRED if p not in g]
         if missing:
-            raise ValueError(f"{w_path}: module {mpath!r} lacks {missing}")
+            raise LoHaFormatError(f"{w_path}: module {mpath!r} lacks {missing}")
         r = int(g["hada_w1_b"].shape[0])
         _, alpha = rank_and_alpha(config, mpath)
         tensors = {p: g[p] for p in (*_REQUIRED, "hada_t1", "hada_t2") if p in g}
