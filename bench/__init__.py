@@ -12,6 +12,7 @@ runs through every layer). Variants:
 * ``lycoris_bypass``    LyCORIS LoHa with ``bypass_mode=True`` (base(x) + ΔW·x)
 * ``lohakit``           lohakit, ``compute_path="auto"`` (cost model)
 * ``lohakit_factored``  lohakit forced onto the factored chain
+* ``lohakit_mweight``   lohakit forced onto the merged-weight training node (base layer on W + ΔW)
 * ``lohakit_mat``       lohakit forced onto the materialised ΔW
 
 Benchmarks are not tests: nothing here asserts a timing.

@@ -13,19 +13,21 @@ import torch
 SUITES = ("linear", "llama", "conv", "infer", "memory", "calibrate")
 
 
-def _run_suite(name: str, quick: bool, device: str) -> list[dict]:
+def _run_suite(name: str, quick: bool, device: str, ranks: tuple[int, ...] | None = None,
+               variants: tuple[str, ...] | None = None) -> list[dict]:
+    """One suite's rows; ``ranks`` (llama, conv, calibrate) and ``variants`` (llama, linear, conv) narrow it."""
     if name == "linear":
         from .layers import run_linear
 
-        return run_linear(quick, device)
+        return run_linear(quick, device, variants=variants)
     if name == "conv":
         from .layers import run_conv
 
-        return run_conv(quick, device)
+        return run_conv(quick, device, variants=variants, ranks=ranks)
     if name == "llama":
         from .llama import run
 
-        return run(quick, device)
+        return run(quick, device, ranks=ranks, variants=variants)
     if name == "infer":
         from .infer import run
 
@@ -33,11 +35,11 @@ def _run_suite(name: str, quick: bool, device: str) -> list[dict]:
     if name == "memory":
         from .memory import run_merge_load, run_peak
 
-        return run_peak(quick, device) + run_merge_load(quick, device)
+        return run_peak(quick, device, ranks=ranks) + run_merge_load(quick, device)
     if name == "calibrate":
         from .calibrate import run
 
-        return run(quick, device)
+        return run(quick, device, ranks=ranks)
     raise ValueError(f"unknown suite {name!r}; expected one of {SUITES} or 'all'")
 
 
@@ -51,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch CPU threads (1 is far less noisy on an oversubscribed machine)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"))
     p.add_argument("--no-write", action="store_true", help="print the tables only")
+    p.add_argument("--ranks", type=lambda v: tuple(int(x) for x in v.split(",")), default=None,
+                   help="comma-separated ranks for llama, conv, memory and calibrate (default: each suite's sweep)")
+    p.add_argument("--variants", type=lambda v: tuple(v.split(",")), default=None,
+                   help="comma-separated variants for llama, linear and conv (floor is always added)")
     p.add_argument("--note", action="append", default=[], help="a line to add to RESULTS.md (repeatable)")
     p.add_argument("--merge", action="store_true",
                    help="keep the other suites' rows from the existing RESULTS.json (re-run only some suites)")
@@ -75,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for s in suites:
         t = time.perf_counter()
-        rows += _run_suite(s, args.quick, args.device)
+        variants = None if args.variants is None else tuple(dict.fromkeys(("floor", *args.variants)))
+        rows += _run_suite(s, args.quick, args.device, ranks=args.ranks, variants=variants)
         print(f"[bench] {s}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
     load1 = os.getloadavg()
     print(table(rows))

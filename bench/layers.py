@@ -52,12 +52,13 @@ def run_linear(quick: bool, device: str, variants: tuple[str, ...] | None = None
 
 
 def run_conv(quick: bool, device: str, variants: tuple[str, ...] | None = None, reps: int | None = None,
-             r: int = 8) -> list[dict]:
-    """SD-UNet 3x3 conv (C → C), batch 2, flat and effective (Tucker) forms, fwd+bwd."""
+             ranks: tuple[int, ...] | None = None) -> list[dict]:
+    """SD-UNet 3x3 conv (C → C), batch 2, flat and effective (Tucker) forms, fwd+bwd, at each rank."""
     if device == "cuda":
         sizes, dtype = [(c, hw) for c in (320, 640, 1280) for hw in (64, 32)], torch.bfloat16
     else:
-        sizes, dtype = [(320, 32)], torch.float32
+        sizes, dtype = ([(320, 32)] if quick else [(320, 32), (640, 16)]), torch.float32
+    ranks = ranks or ((8,) if quick else (4, 8, 16, 32, 64))
     reps = reps or (6 if quick else 12)
     variants = variants or available_variants(device)
     rows = []
@@ -65,7 +66,8 @@ def run_conv(quick: bool, device: str, variants: tuple[str, ...] | None = None, 
         torch.manual_seed(0)
         base = nn.Sequential(nn.Conv2d(c, c, 3, padding=1)).to(device=device, dtype=dtype)
         x = torch.randn(2, c, hw, hw, device=device, dtype=dtype)
-        for effective in (False, True):
-            form = "effective" if effective else "flat"
-            rows += _bench(base, x, f"{c}ch {hw}² {form}", "conv", r, effective, variants, reps, device)
+        for r in ranks:
+            for effective in (False, True):
+                form = "effective" if effective else "flat"
+                rows += _bench(base, x, f"{c}ch {hw}² {form} r={r}", "conv", r, effective, variants, reps, device)
     return rows

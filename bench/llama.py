@@ -78,7 +78,7 @@ def run(quick: bool, device: str, ranks: tuple[int, ...] | None = None, variants
         reps: int | None = None) -> list[dict]:
     """Median step time per (rank, variant); returns table rows."""
     shape = GPU_SHAPE if device == "cuda" else CPU_SHAPE
-    ranks = ranks or ((8,) if quick else (4, 8, 16, 32))
+    ranks = ranks or ((8,) if quick else (4, 8, 16, 32, 64))
     reps = reps or (5 if quick else 10)
     variants = variants or available_variants(device)
     base = make_llama(shape, device)

@@ -71,7 +71,16 @@ def worker(variant: str, r: int, device: str, steps: int) -> dict:
     return {"variant": variant, "before_mb": before, "peak_mb": peak}
 
 
-def run_peak(quick: bool, device: str, r: int = 8, variants: tuple[str, ...] | None = None) -> list[dict]:
+def run_peak(quick: bool, device: str, ranks: tuple[int, ...] | None = None,
+             variants: tuple[str, ...] | None = None) -> list[dict]:
+    """Peak memory of a training step per variant, each in a fresh process, at each rank."""
+    out = []
+    for r in ranks or ((8,) if quick else (8, 32)):
+        out += _run_peak_rank(quick, device, r, variants)
+    return out
+
+
+def _run_peak_rank(quick: bool, device: str, r: int, variants: tuple[str, ...] | None) -> list[dict]:
     steps = 2 if quick else 4
     variants = variants or available_variants(device, MEMORY_VARIANTS)
     rows = []

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-#: Display order; ``lohakit`` is the auto path, the two others force a path.
+#: Display order; ``lohakit`` is the auto path, the ``lohakit_*`` ones force a path.
 ALL_VARIANTS = (
     "floor",
     "peft_lora",
@@ -20,12 +20,14 @@ ALL_VARIANTS = (
     "lycoris_bypass",
     "lohakit",
     "lohakit_factored",
+    "lohakit_mweight",
     "lohakit_mat",
     "lohakit_triton",
 )
 
 LOHAKIT_PATHS = {
-    "lohakit": "auto", "lohakit_factored": "factored", "lohakit_mat": "materialised", "lohakit_triton": "auto",
+    "lohakit": "auto", "lohakit_factored": "factored", "lohakit_mweight": "merged", "lohakit_mat": "materialised",
+    "lohakit_triton": "auto",
 }
 
 #: Variants whose calls run with ``LOHAKIT_TRITON=1`` (the opt-in Triton kernels of lohakit.core.kernels).

@@ -47,6 +47,7 @@ from .autograd import FactoredLinear, FactoredLinearFused, FactoredConvFused, Me
 from .cost import (
     FACTORED_COST_BIAS,
     ELEMENTWISE_COST,
+    DELTA_ELEMENTWISE_COST,
     prefer_factored,
     path_costs,
     choose_training_path,
@@ -86,6 +87,7 @@ __all__ = [
     "COMPUTE_PATHS",
     "FACTORED_COST_BIAS",
     "ELEMENTWISE_COST",
+    "DELTA_ELEMENTWISE_COST",
     "prefer_factored",
     "path_costs",
     "choose_training_path",

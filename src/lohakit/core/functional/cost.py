@@ -27,6 +27,18 @@ FACTORED_COST_BIAS = 1.25
 #: building P, Q (R·(in+out) elements, several times per step) dominates.
 ELEMENTWISE_COST = 40
 
+#: The same for a pass over an ``out × in`` ΔW-sized tensor (building ΔW, W + ΔW, and the
+#: merged-weight node's products and their gradients): those arrays outgrow the caches the
+#: r-wide Khatri-Rao products fit in, so a pass costs more. Fitted on CPU with ``python -m
+#: bench calibrate`` (the ΔW build at 1024² and 320-channel 3x3 convs, N = 16 and 512).
+DELTA_ELEMENTWISE_COST = 110
+
+#: Fixed cost of the factored path's extra operator calls on a training step (the Khatri-Rao
+#: builds and product-rule gradients are about ten more small kernels than the merged-weight
+#: node runs), in matmul-FLOP units: about 0.1 ms on CPU, which decides only tiny layers
+#: (64² at 16 tokens), where it is the whole difference.
+FACTORED_CALL_OVERHEAD = 8e6
+
 
 def path_costs(
     geom: Geometry,
@@ -40,17 +52,19 @@ def path_costs(
     """The predicted cost of each path for one adapter on one call, beyond the base layer's own.
 
     Costs in matmul FLOPs (R = r1·r2, K = prod(kernel), g = groups, dense = out·in/g·K,
-    E = :data:`ELEMENTWISE_COST`, B = :data:`FACTORED_COST_BIAS`); the matmul passes are
-    m = 2 for a forward call and m = 6 for a training step (forward, dL/dx, dL/dweights)::
+    E = :data:`ELEMENTWISE_COST`, E_Δ = :data:`DELTA_ELEMENTWISE_COST`, B = :data:`FACTORED_COST_BIAS`);
+    the matmul passes are m = 2 for a forward call and m = 6 for a training step (forward,
+    dL/dx, dL/dweights)::
 
-        build        = [4·max(r)·dense + 2·E·dense]·(4 if training else 1)
+        build        = [4·max(r)·dense + 2·E_Δ·dense]·(4 if training else 1)
         materialised = m·N·dense + build
         merged       = 2·N·dense + build                                    (training only)
-        factored     = B·m·(N·R·in·K·g + N·out·R) + E·e·R·(in·K + out)       (flat)
-        factored     = B·m·(N_in·R·in·g + N·R²·K·g + N·out·R) + E·e·(R·(in + out) + R²·K)   (Tucker)
+        factored     = B·m·(N·R·in·K·g + N·out·R) + E·e·R·(in·K + out) [+ C]       (flat)
+        factored     = B·m·(N_in·R·in·g + N·R²·K·g + N·out·R) + E·e·(R·(in + out) + R²·K) [+ C]   (Tucker)
 
     with e = 2 elementwise passes over the Khatri-Rao products for a forward call and 8 for
-    a training step (build, rebuild in backward, product-rule gradients). ``build`` and the
+    a training step (build, rebuild in backward, product-rule gradients), and C =
+    :data:`FACTORED_CALL_OVERHEAD` on training calls. ``build`` and the
     factored Khatri-Rao term vanish when ``build_delta`` is False (both cached at inference).
     The merged-weight node (:class:`MergedWeightFused`) runs the base layer on ``W + ΔW``, so
     of the materialised path's three ``N``-sized GEMMs only ∂L/∂ΔW = Gᵀx remains; it builds
@@ -74,10 +88,10 @@ def path_costs(
     R = r1 * r2
     K = geom.kernel_numel
     g = geom.groups
-    E = ELEMENTWISE_COST
+    E, E_delta = ELEMENTWISE_COST, DELTA_ELEMENTWISE_COST
     m = 6 if training else 2
     dense = geom.out_features * geom.flat_in
-    build = (4 * max(r1, r2) * dense + 2 * E * dense) * (4 if training else 1) if build_delta else 0
+    build = (4 * max(r1, r2) * dense + 2 * E_delta * dense) * (4 if training else 1) if build_delta else 0
     if tucker:
         gemm = n_in * R * geom.in_features * g + n_out * R * R * K * g + n_out * geom.out_features * R
         kr = R * (geom.in_features + geom.out_features) + R * R * K
@@ -85,7 +99,8 @@ def path_costs(
         gemm = n_out * R * geom.flat_in * g + n_out * geom.out_features * R
         kr = R * (geom.flat_in + geom.out_features)
     costs = {
-        "factored": FACTORED_COST_BIAS * m * gemm + (E * (8 if training else 2) * kr if build_delta else 0),
+        "factored": FACTORED_COST_BIAS * m * gemm + (E * (8 if training else 2) * kr if build_delta else 0)
+        + (FACTORED_CALL_OVERHEAD if training else 0),
         "materialised": m * n_out * dense + build,
     }
     if training:
