@@ -198,3 +198,32 @@ def test_lora_file_names_match_loha_file_names(wrapped, tmp_path):
     lora_names = {k.split(".")[0] for k in load_file(path)}
     assert lora_names == {k.split(".")[0] for k in loha_sd}
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in lora_names
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "v_proj", "out_proj"]], ids=["q_v", "with_out_proj"])
+def test_diffusers_reads_text_encoder_lora_only_with_out_proj(tmp_path, targets):
+    """diffusers' kohya LoRA reader infers the text-encoder format from ``out_proj`` keys: with
+    out_proj among the targets it loads UNet and text encoder exactly; with q/v only it raises and
+    loads nothing (save_loha_as_lora warns about that)."""
+    from helpers.models import pipe_outputs, sd1_pipe
+    from lohakit.diffusers import save_loha_as_lora
+
+    base = sd1_pipe()
+    adapted = copy.deepcopy(base)
+    LoHaModel(adapted.unet, LoHaConfig(r=2, alpha=3, init_weights=False, target_modules=["to_q"]))
+    LoHaModel(adapted.text_encoder, LoHaConfig(r=2, alpha=3, init_weights=False, target_modules=targets))
+    path = str(tmp_path / "l.safetensors")
+    if "out_proj" in targets:
+        save_loha_as_lora(adapted, path, dtype=torch.float32)
+    else:
+        with pytest.warns(UserWarning, match="no out_proj module"):
+            save_loha_as_lora(adapted, path, dtype=torch.float32)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in load_file(path))
+    pipe = _mixin_pipe(copy.deepcopy(base.unet), copy.deepcopy(base.text_encoder))
+    if "out_proj" in targets:
+        pipe.load_lora_weights(path)
+        for got, want in zip(pipe_outputs(pipe), pipe_outputs(adapted)):
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    else:
+        with pytest.raises(ValueError, match="infer"):
+            pipe.load_lora_weights(path)

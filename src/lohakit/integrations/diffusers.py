@@ -224,6 +224,16 @@ def save_loha_as_lora(
             if te is not None and "CLIP" in type(_unwrap(te)).__name__:
                 peft_style[slot.save_prefix] = slot.diffusers_prefixes[0]
     kohya_part = {p: e for p, e in exports.items() if p not in peft_style}
+    te_paths = [q for p, ex in kohya_part.items() if p.startswith("lora_te") for q in ex]
+    if te_paths and not any(q.endswith("out_proj") for q in te_paths):
+        import warnings
+
+        warnings.warn(
+            "save_loha_as_lora: the text-encoder LoRA has no out_proj module; diffusers' load_lora_weights "
+            "(0.42) then cannot infer the file's format and loads nothing, UNet included (ComfyUI and A1111 "
+            "read it). Adapt out_proj too, or load the UNet part only.",
+            stacklevel=2,
+        )
     sd: dict[str, torch.Tensor] = {}
     out_meta = {"ss_network_module": "networks.lora"}
     if kohya_part:
