@@ -355,8 +355,8 @@ def _merged_weight(
         m2 = w2a @ w2b  # (out, in·K)
         if not products:  # the first adapter allocates the sum, in the wider of W's and the factors' dtypes
             acc = torch.addcmul(acc.to(torch.promote_types(acc.dtype, m1s.dtype)), m1s, m2)
-        else:
-            acc.addcmul_(m1s, m2)
+        else:  # (adapters may keep their factors in different dtypes)
+            acc.addcmul_(m1s.to(acc.dtype), m2.to(acc.dtype))
         products.append((m1s, m2))
     return acc.to(dtype).view(weight.shape), products
 
