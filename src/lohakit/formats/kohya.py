@@ -49,6 +49,7 @@ __all__ = [
     "kohya_name_table",
     "legacy_path_prefix",
     "export_name",
+    "export_names",
     "read_kohya_file",
     "load_kohya",
     "save_kohya",
@@ -162,6 +163,17 @@ def export_name(prefix: str, path: str, model: nn.Module | None = None, names: M
         if fam is not None:
             return save_names(fam, _unwrap(model), [path])[path]
     return kohya_name(prefix, (legacy_path_prefix(model) if model is not None else "") + path)
+
+
+def export_names(prefix: str, model: nn.Module, names: Mapping[str, str] | None = None) -> dict[str, str]:
+    """:func:`export_name` for every adaptable module of ``model`` at once (the family table is built once)."""
+    from .families import family_of_model, save_names
+
+    inner = _unwrap(model)
+    paths = [p for p, _ in _adaptable_modules(inner)]
+    fam = family_of_model(inner) if prefix == "lora_unet" else None
+    base = save_names(fam, inner, paths) if fam is not None else {}
+    return {p: (names or {}).get(p) or base.get(p) or export_name(prefix, p, model) for p in paths}
 
 
 def kohya_name_table(
@@ -931,10 +943,11 @@ def kohya_state_dict(
     """
     entries: list[_Entry] = []
     owner: dict[str, str] = {}
+    table = {prefix: export_names(prefix, m, (names or {}).get(prefix)) for prefix, m in models.items()}
     for prefix, path, layer in _loha_layers(models):
         if adapter_name not in layer.hada_w1_a:
             continue
-        name = export_name(prefix, path, models[prefix], (names or {}).get(prefix))
+        name = table[prefix][path]
         if name in owner:
             raise ValueError(f"modules {owner[name]!r} and {prefix}:{path!r} both get the kohya name {name!r}")
         owner[name] = f"{prefix}:{path}"

@@ -30,7 +30,7 @@ from ..formats.families.stable_diffusion import sgm_unet_names
 from ..formats.kohya import (
     KohyaLoadReport,
     StateDictOrPath,
-    export_name,
+    export_names,
     load_kohya,
     read_kohya_file,
     remove_kohya_adapter,
@@ -153,13 +153,9 @@ def _export_setup(
 ) -> tuple[dict[str, nn.Module], dict[str, dict[str, str]], dict[str, str]]:
     """(prefix -> model, per prefix {module path: kohya name} overrides, header metadata) for writing a file."""
     from ..formats.families import family_by_name
-    from ..formats.kohya import _adaptable_modules
 
     models, _, kind = pipeline_models(pipe)
-    names = {
-        prefix: {path: export_name(prefix, path, model) for path, _ in _adaptable_modules(_unwrap(model))}
-        for prefix, model in models.items()
-    }
+    names = {prefix: export_names(prefix, model) for prefix, model in models.items()}
     meta = {"ss_base_model_version": family_by_name(kind).base_model_version, **(metadata or {})}
     return models, names, meta
 

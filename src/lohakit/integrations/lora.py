@@ -371,9 +371,13 @@ def lora_kohya_state_dict(
     """
     sd: dict[str, torch.Tensor] = {}
     ranks: list[int] = []
+    from ..formats.kohya import export_names
+
     for prefix, exports in exports_by_prefix.items():
+        model = (models or {}).get(prefix)
+        known = export_names(prefix, model, (names or {}).get(prefix)) if prefix and model is not None else {}
         for path, e in exports.items():
-            name = lora_kohya_name(prefix, path, names, models)
+            name = known.get(path) or lora_kohya_name(prefix, path, names, models)
             if f"{name}.alpha" in sd:
                 raise ValueError(f"two modules get the kohya name {name!r}")
             cast = (lambda t: t.detach().cpu().to(dtype).contiguous()) if dtype is not None else (lambda t: t.detach().cpu().contiguous())
