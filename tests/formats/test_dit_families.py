@@ -282,3 +282,29 @@ def test_strict_false_loads_the_rest_warns_and_reports(bases):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_kohya(sd, {"lora_unet": copy.deepcopy(base)})  # a complete file: no warning
+
+
+@pytest.mark.parametrize("names,family", [
+    (["lora_unet_down_blocks_0_attentions_0_proj_in", "lora_te_text_model_encoder_layers_0_mlp_fc1"], "sd"),
+    (["lora_unet_input_blocks_1_1_proj_in", "lora_te1_text_model_encoder_layers_0_mlp_fc1"], "sd"),
+    (["lora_unet_input_blocks_4_1_proj_in", "lora_te2_text_model_encoder_layers_0_mlp_fc1"], "sdxl"),
+    (["lora_unet_double_blocks_0_img_attn_qkv", "lora_te2_encoder_block_0_layer_0_SelfAttention_q"], "flux"),
+    (["transformer.single_transformer_blocks.0.proj_mlp"], "flux"),
+    (["lora_unet_joint_blocks_0_x_block_attn_qkv", "lora_te2_text_model_encoder_layers_0_mlp_fc1"], "sd3"),
+    (["lora_te2_text_model_encoder_layers_0_mlp_fc1"], None),  # a text encoder alone does not tell
+    (["transformer.transformer_blocks.0.attn.to_q"], None),  # FLUX and SD3 share these diffusers names
+])
+def test_file_family_from_names(names, family):
+    from lohakit.formats.families import guess_file_family
+
+    fam, _ = guess_file_family(names)
+    assert (fam.name if fam else None) == family
+
+
+def test_family_of_model(bases):
+    from helpers.models import sd1_unet, sdxl_unet
+    from lohakit.formats.families import family_of_model, family_of_pipeline
+
+    assert family_of_model(bases["flux"]).label == "FLUX.1" and family_of_model(bases["sd3"]).label == "SD3/3.5"
+    assert family_of_model(sd1_unet()).name == "sd" and family_of_model(sdxl_unet()).name == "sdxl"
+    assert family_of_model(torch.nn.Linear(2, 2)) is None and family_of_pipeline(object()) is None

@@ -287,8 +287,8 @@ def guess_file_family(names: Iterable[str]) -> tuple[Family | None, dict[str, li
         hits = [n for n in names if re.search(f.file_words, n)]
         if hits:
             evidence[f.name] = hits[:3]
-    if "sdxl" in evidence and not any(_UNET_WORDS.search(n) for n in names) and len(evidence) > 1:
-        del evidence["sdxl"]  # lora_te2_ alone is SDXL's CLIP-G or SD3's; the DiT words decide
+    if "sdxl" in evidence and not any(_UNET_WORDS.search(n) or re.search(r"label_emb|add_embedding", n) for n in names):
+        del evidence["sdxl"]  # lora_te2_ / CLIP-G alone is SDXL's, SD3's or FLUX's T5: only a UNet tells SDXL
     if "sdxl" not in evidence and not ({"flux", "sd3"} & set(evidence)):
         unet = [n for n in names if _UNET_WORDS.search(n)]
         if unet:
