@@ -117,7 +117,7 @@ def test_flux_kohya_file_to_peft_and_lora_with_a_pipeline_base(tmp_path):
     assert "exact" in msg
     lora = load_file(str(tmp_path / "lora.safetensors"))
     up, down = lora["lora_unet_single_blocks_0_linear1.lora_up.weight"], lora["lora_unet_single_blocks_0_linear1.lora_down.weight"]
-    assert up.shape[0] == 16 * 3 + 64  # q, k, v and the MLP input, stacked as in the file
+    assert up.shape[0] == 16 * 3 + 64 and down.shape[1] == 16  # q, k, v and the MLP input, stacked as in the file
 
     # --prefix picks a pipeline component
     te_file = {f"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.{k}": v for k, v in

@@ -409,8 +409,9 @@ def test_flux_text_encoder_namings(style):
     """Every text-encoder naming ComfyUI maps for FLUX (CLIP-L: lora_te1_/lora_te_/text_encoder./
     text_encoders.clip_l; T5: lora_te2_/lora_te3_/text_encoder_2./text_encoders.t5xxl), with and
     without CLIP's text_model level: every module's ΔW is the plain formula."""
-    pipe = types_pipe = type("P", (), {})()
-    types_pipe.transformer, types_pipe.text_encoder, types_pipe.text_encoder_2 = flux_model(), clip_encoder(), t5_encoder()
+    import types
+
+    pipe = types.SimpleNamespace(transformer=flux_model(), text_encoder=clip_encoder(), text_encoder_2=t5_encoder())
     g = torch.Generator().manual_seed(1)
     sd, want = {}, {}
     for attr in ("text_encoder", "text_encoder_2"):

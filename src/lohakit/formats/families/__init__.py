@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Union
 
 import torch.nn as nn
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "Split",
@@ -303,7 +306,7 @@ def describe_rows(split: Split) -> str:
     return " + ".join(f"{p} ({r})" for p, r in split.pieces)
 
 
-def split_rows(split: Split, w: "torch.Tensor") -> list["torch.Tensor"]:
+def split_rows(split: Split, w: torch.Tensor) -> list[torch.Tensor]:
     """The row blocks of a tensor for each piece (after the half swap when the split asks for it)."""
     import torch
 
