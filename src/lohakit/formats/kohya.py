@@ -9,14 +9,21 @@ File layout (one ``.safetensors``, no nesting)::
     <kohya name>.alpha                         0-dim tensor; scale = alpha / r (1 when absent)
 
 with ``kohya name = (prefix + "." + module path).replace(".", "_")`` and prefixes ``lora_unet``,
-``lora_te`` (SD1/2), ``lora_te1`` / ``lora_te2`` (SDXL). The rule is lossy, so keys are mapped
-by generating the names of every module of the given models (never by parsing names back).
+``lora_te`` (SD1/2), ``lora_te1`` / ``lora_te2`` (/ ``lora_te3``). The module name is everything
+before the last dot, so diffusers-style names (``transformer.transformer_blocks.0.attn.to_q``)
+work too. The rule is lossy, so keys are mapped by generating the names of every module of the
+given models (never by parsing names back); a model of a known family
+(:mod:`lohakit.formats.families`: SD 1.x/2.x, SDXL, FLUX.1, SD3/3.5) answers to every naming its
+runtimes use, including original-tree modules that fuse several diffusers modules (split exactly
+by rows of ``hada_w1_a`` / ``hada_w2_a``).
 
 A runtime applies ``W += multiplier · (alpha / r) · (w1a @ w1b) ⊙ (w2a @ w2b)``.
 
 Loading validates the whole file first (every key, shape and alpha) and changes the models only
-when everything fits; a failed load leaves them exactly as they were. Files are read with
-safetensors only (never unpickled).
+when everything fits; a failed load leaves them exactly as they were. By default every LoHa
+module of the file must find its module (no silent partial loads; ``strict=False`` applies the
+rest with a warning). Bad files raise :class:`~lohakit.core.io.LoHaFormatError`. Files are read
+with safetensors only (never unpickled).
 """
 
 from __future__ import annotations
