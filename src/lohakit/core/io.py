@@ -36,7 +36,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -275,15 +275,12 @@ def _json_depth_ok(text: str, limit: int) -> bool:
     return True
 
 
-def _reject_constant(token: str) -> Any:
-    raise ValueError(f"{token} is not valid JSON")
-
-
 def parse_json_bytes(data: bytes, path: str | os.PathLike, what: str = "JSON file", error: type[LoHaFormatError] = CorruptFileError) -> Any:
     """Parse UTF-8 JSON with bounded nesting; every failure is ``error`` naming ``path``.
 
-    ``NaN``/``Infinity`` are refused (not JSON), nesting deeper than :data:`MAX_JSON_DEPTH`
-    is refused before parsing (so no ``RecursionError``).
+    Nesting deeper than :data:`MAX_JSON_DEPTH` is refused before parsing (so no
+    ``RecursionError``). ``NaN``/``Infinity`` parse (as Python's json does) for the caller's
+    finiteness checks to name the field.
     """
     try:
         text = data.decode("utf-8")
@@ -292,7 +289,7 @@ def parse_json_bytes(data: bytes, path: str | os.PathLike, what: str = "JSON fil
     if not _json_depth_ok(text, MAX_JSON_DEPTH):
         raise error(f"{path}: the {what} nests arrays/objects deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text)
     except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise error(f"{path}: the {what} is not valid JSON ({e})") from None
 
@@ -1027,6 +1024,7 @@ def read_files_consistently(
     max_bytes: Sequence[int | None] | None = None,
     what: Sequence[str] | None = None,
     attempts: int | None = None,
+    prechecks: Sequence[Callable[[int, os.stat_result], None] | None] | None = None,
 ) -> list[bytes]:
     """Read files that one save writes together, never combining two saves.
 
@@ -1040,6 +1038,8 @@ def read_files_consistently(
         max_bytes: Per-file size caps (``None`` entries: no cap).
         what: Per-file descriptions for messages.
         attempts: Retries before giving up (default :data:`READ_ATTEMPTS`).
+        prechecks: Per-file ``check(fd, fstat)`` run once all files are open and before any is
+            read (e.g. a header length against its cap); raise to refuse the file.
 
     Returns:
         The files' contents, in order.
@@ -1052,6 +1052,7 @@ def read_files_consistently(
     ps = [Path(p) for p in paths]
     caps = list(max_bytes) if max_bytes is not None else [None] * len(ps)
     names = list(what) if what is not None else ["file"] * len(ps)
+    checks = list(prechecks) if prechecks is not None else [None] * len(ps)
     dirs = sorted({p.parent for p in ps})
     n = READ_ATTEMPTS if attempts is None else attempts
     wait = _READ_BACKOFF_S
@@ -1070,6 +1071,9 @@ def read_files_consistently(
                 if _pending_saves(dirs):
                     continue
                 raise
+            for (fd, st), check in zip(fds, checks):
+                if check is not None:
+                    check(fd, st)
             datas = [_read_fd(fd, st, p, cap, w) for (fd, st), p, cap, w in zip(fds, ps, caps, names)]
             if not _pending_saves(dirs) and all(_same_file(p, st) for p, (_, st) in zip(ps, fds)):
                 return datas

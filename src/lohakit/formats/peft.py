@@ -23,15 +23,19 @@ modes are exactly as before.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import re
+import signal
+import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Union
+from typing import Any, Iterable, Iterator, Mapping, Union
 
 import torch
 import torch.nn as nn
@@ -39,15 +43,22 @@ import torch.nn as nn
 from ..core import functional as Fn
 from ..core.config import LoHaConfig
 from ..core.io import (
+    MAX_JSON_BYTES,
     AdapterConfigError,
     AdapterNameError,
     AdapterNotFoundError,
+    LoHaFormatError,
     NonFiniteTensorError,
     NonFiniteTensorWarning,
     StagedWrites,
     StateDictMismatchError,
-    load_state_dict,
+    parse_json_bytes,
+    parse_state_dict_bytes,
+    read_files_consistently,
+    read_regular_file,
+    tensor_is_finite,
 )
+from ..core.io import _safetensors_header as _check_safetensors_prefix
 from ..core.layers import LoHaLayer, geometry_of
 from ..core.model import LoHaModel, ModulesToSaveWrapper, _check_adapter_name, register_adapter_store
 from ..core.targets import pattern_key
@@ -91,6 +102,14 @@ _SAVE_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
+#: Floating dtypes a file's factors may have (converted to the adapter's dtype when loaded).
+_READABLE_FLOAT_DTYPES: tuple[torch.dtype, ...] = tuple(
+    d
+    for d in (
+        torch.float32, torch.float16, torch.bfloat16, torch.float64,
+        *(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)),
+    )
+)
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}(/[A-Za-z0-9][\w.\-]{0,95})?$")
 _MAX_LISTED = 5
 
@@ -171,12 +190,14 @@ def resolve_adapter(
     local = Path(path) / subfolder if subfolder else Path(path)
     if local.is_dir():
         cfg = local / ADAPTER_CONFIG_NAME
-        if not cfg.is_file():
+        if not os.path.lexists(cfg):
             nested = sorted(p.parent.name for p in local.glob(f"*/{ADAPTER_CONFIG_NAME}"))
             hint = f"; adapters found in subfolders {nested} (pass subfolder=...)" if nested else ""
             raise AdapterNotFoundError(f"{local}: no {ADAPTER_CONFIG_NAME} in this directory{hint}")
         for name in (SAFETENSORS_WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
-            if (local / name).is_file():
+            # anything present under the name is used, so that a FIFO, device or broken link is
+            # refused by the reader with a message naming it instead of being skipped silently
+            if os.path.lexists(local / name):
                 return AdapterSource(cfg, local / name, f"directory {local}")
         raise AdapterNotFoundError(f"{local}: neither {SAFETENSORS_WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME} in this directory")
     if Path(path).exists():
@@ -222,52 +243,235 @@ def resolve_adapter(
 # ------------------------------------------------------------------------------------------
 # The config
 # ------------------------------------------------------------------------------------------
-def _check_regex(value: Any, field_name: str, where: str) -> None:
+#: Time one pattern may take to match the probe strings or the model's module names.
+PATTERN_TIME_LIMIT_S = 1.0
+
+
+class _PatternTimeout(Exception):
+    """Raised by the SIGALRM handler of :func:`_time_limit`."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[bool]:
+    """Interrupt the body after ``seconds`` with :class:`_PatternTimeout`; yields whether it can.
+
+    Python's ``re`` checks for signals while it backtracks, so an ``ITIMER_REAL`` alarm stops
+    a runaway match. Only the main thread receives signals (POSIX): elsewhere this yields
+    False and the caller falls back to a static check. A timer the program had set is
+    restored afterwards (with the time it had left).
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield False
+        return
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise _PatternTimeout()
+
     try:
-        re.compile(value)
-    except (re.error, TypeError, RecursionError) as e:
-        raise AdapterConfigError(f"{where}: {field_name} {value!r} is not a valid regular expression ({e})") from None
+        old_handler = signal.signal(signal.SIGALRM, on_alarm)
+    except (ValueError, OSError):  # e.g. signals unavailable in this interpreter
+        yield False
+        return
+    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    started = time.monotonic()
+    try:
+        yield True
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler if old_handler is not None else signal.SIG_DFL)
+        if old_delay:
+            signal.setitimer(signal.ITIMER_REAL, max(old_delay - (time.monotonic() - started), 1e-3), old_interval)
+
+
+def _regex_tree(pattern: str) -> Any:
+    try:
+        from re import _parser as sre_parse  # type: ignore[attr-defined]  # Python >= 3.11
+    except ImportError:  # pragma: no cover - Python 3.10
+        import sre_parse  # type: ignore[no-redef]
+    return sre_parse.parse(pattern)
+
+
+def _looks_catastrophic(pattern: str) -> bool:
+    """A static over-approximation of patterns that can backtrack exponentially.
+
+    True for an unbounded repeat whose body holds another unbounded repeat or an alternation
+    (``(a+)+``, ``(.|.)*``), or for more than four unbounded repeats in one pattern. Used only
+    where a match cannot be timed (outside the main thread).
+    """
+    try:
+        from re import _constants as C  # type: ignore[attr-defined]
+    except ImportError:  # pragma: no cover - Python 3.10
+        import sre_constants as C  # type: ignore[no-redef]
+    repeats = {C.MAX_REPEAT, C.MIN_REPEAT} | ({C.POSSESSIVE_REPEAT} if hasattr(C, "POSSESSIVE_REPEAT") else set())
+    count = 0
+
+    def children(op: Any, av: Any) -> list[Any]:
+        if op in repeats:
+            return [av[2]]
+        if op == C.SUBPATTERN:
+            return [av[-1]]
+        if op == C.BRANCH:
+            return list(av[1])
+        if op in (C.ASSERT, C.ASSERT_NOT):
+            return [av[1]]
+        if op == getattr(C, "ATOMIC_GROUP", None):
+            return [av]
+        if op == C.GROUPREF_EXISTS:
+            return [b for b in av[1:] if b is not None]
+        return []
+
+    def has_choice(items: Any) -> bool:
+        for op, av in items:
+            if op == C.BRANCH or (op in repeats and av[1] > 1):
+                return True
+            if any(has_choice(c) for c in children(op, av)):
+                return True
+        return False
+
+    def walk(items: Any) -> bool:
+        nonlocal count
+        for op, av in items:
+            if op in repeats and av[1] > 16:
+                count += 1
+                if has_choice(av[2]):
+                    return True
+            if any(walk(c) for c in children(op, av)):
+                return True
+        return False
+
+    return walk(_regex_tree(pattern)) or count > 4
+
+
+def _probe_strings(pattern: str) -> list[str]:
+    """Strings on which a backtracking-prone pattern shows it: runs of its own characters."""
+    chars = {"a", ".", "0", "_"}
+    for ch in pattern:
+        if ch.isalnum() or ch in "._-":
+            chars.add(ch)
+        if len(chars) >= 12:
+            break
+    probes = []
+    for ch in sorted(chars):
+        probes += [ch * 24 + "\x00", ch * 48]
+    probes += ["a." * 24 + "!", "model.layers.0.self_attn.q_proj." * 3 + "!"]
+    return probes
+
+
+def _pattern_forms(config: LoHaConfig) -> list[tuple[str, str, str]]:
+    """(field label, regex exactly as the target rules compile it, match mode) for each pattern.
+
+    The forms follow ``core/targets.py``: ``target_modules``/``exclude_modules`` strings are
+    full-matched; a rank/alpha pattern key ``p`` is used as ``(.*\\.)?(p)$``; a layers
+    pattern ``p`` as ``(?:^|.*?\\.)p\\.(\\d+)\\.``.
+    """
+    forms: list[tuple[str, str, str]] = []
+    tm = config.target_modules
+    if isinstance(tm, str) and tm != "all-linear":
+        forms.append(("target_modules", tm, "full"))
+    if isinstance(config.exclude_modules, str):
+        forms.append(("exclude_modules", config.exclude_modules, "full"))
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, field_name) or {}:
+            forms.append((f"{field_name} key {key!r}", rf"(.*\.)?({key})$", "match"))
+    lp = config.layers_pattern
+    if lp:
+        for p in [lp] if isinstance(lp, str) else list(lp):
+            forms.append((f"layers_pattern {p!r}", rf"(?:^|.*?\.){p}\.(\d+)\.", "match"))
+    return forms
+
+
+def check_patterns(config: LoHaConfig, where: str, names: Iterable[str] | None = None) -> None:
+    """Every regex of ``config`` compiles as the target rules use it and matches in bounded time.
+
+    Each pattern is compiled in the exact form the matching code builds (so ``"(?i)lin1"`` as
+    a pattern key, which compiles alone but not inside ``(.*\\.)?(...)$``, is refused here), then
+    matched against probe strings and, when given, ``names`` (the model's module paths) with
+    a :data:`PATTERN_TIME_LIMIT_S` limit per pattern. Outside the main thread, where a match
+    cannot be interrupted, patterns that look exponential are refused statically instead.
+
+    Args:
+        config: The config.
+        where: The file, for messages.
+        names: Module paths the patterns will be matched against.
+
+    Raises:
+        AdapterConfigError: A pattern that does not compile or takes too long, naming it.
+    """
+    name_list = list(names) if names is not None else None
+    for label, form, mode in _pattern_forms(config):
+        if not isinstance(form, str):
+            raise AdapterConfigError(f"{where}: {label} must be a string regular expression, got {type(form).__name__}")
+        try:
+            rx = re.compile(form)
+        except (re.error, TypeError, RecursionError, OverflowError, ValueError) as e:
+            raise AdapterConfigError(f"{where}: {label} is not a valid regular expression in PEFT's matching rule ({e})") from None
+        strings = name_list if name_list is not None else _probe_strings(form)
+        match = rx.fullmatch if mode == "full" else rx.match
+        with _time_limit(PATTERN_TIME_LIMIT_S) as timed:
+            if not timed:
+                try:
+                    risky = _looks_catastrophic(form)
+                except Exception:  # the parser is private API; be safe rather than sorry
+                    risky = False
+                if risky:
+                    raise AdapterConfigError(
+                        f"{where}: {label} nests repetitions (e.g. '(a+)+' or '(.|.)*'), which can take exponential "
+                        "time to match; simplify the pattern"
+                    )
+                continue
+            try:
+                for text in strings:
+                    match(text)
+            except _PatternTimeout:
+                raise AdapterConfigError(
+                    f"{where}: {label} takes more than {PATTERN_TIME_LIMIT_S:g} s to match "
+                    + ("the model's module names" if name_list is not None else "short module-like names")
+                    + " (catastrophic backtracking, e.g. '(.|.)*' or '(a+)+'); simplify the pattern"
+                ) from None
+            except RecursionError:
+                raise AdapterConfigError(f"{where}: {label} is too complex to match") from None
+
+
+def _parse_adapter_config(raw: bytes, p: Path, strict: bool) -> LoHaConfig:
+    data = parse_json_bytes(raw, p, "adapter config", AdapterConfigError)
+    if not isinstance(data, dict):
+        raise AdapterConfigError(f"{p}: expected a JSON object with the LoHa config fields, got {type(data).__name__}")
+    try:
+        config = LoHaConfig.from_dict(data, strict=strict, source=str(p))
+    except LoHaFormatError as e:
+        raise AdapterConfigError(str(e) if str(p) in str(e) else f"{p}: {e}") from None
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError, re.error) as e:
+        raise AdapterConfigError(str(e) if str(p) in str(e) else f"{p}: {type(e).__name__}: {e}") from None
+    try:
+        alphas = {"alpha": config.alpha, **{f"alpha_pattern[{k!r}]": v for k, v in config.alpha_pattern.items()}}
+        for name, value in alphas.items():
+            if not math.isfinite(value):
+                raise AdapterConfigError(f"{p}: {name} must be a finite number, got {value!r}")
+    except (TypeError, OverflowError) as e:
+        raise AdapterConfigError(f"{p}: alpha values must be finite numbers ({e})") from None
+    check_patterns(config, str(p))
+    return config
 
 
 def read_adapter_config(path: str | os.PathLike, strict: bool = False) -> LoHaConfig:
     """Parse and check an ``adapter_config.json`` (PEFT's or lohakit's).
 
-    Beyond :meth:`LoHaConfig.from_dict`: alpha values must be finite and every regex
-    (``target_modules`` as a string, ``exclude_modules`` as a string, pattern keys) must compile.
+    Beyond :meth:`LoHaConfig.from_dict`: the file must be a regular file of at most
+    :data:`~lohakit.core.io.MAX_JSON_BYTES` with bounded nesting; alpha values must be finite;
+    every regex (``target_modules`` / ``exclude_modules`` as a string, rank/alpha pattern keys,
+    ``layers_pattern``) must compile in the form the target rules use and match in bounded time
+    (see :func:`check_patterns`).
 
     Raises:
         AdapterNotFoundError: No such file.
-        AdapterConfigError: Not UTF-8 JSON, peft_type not LOHA, unknown keys, bad values.
+        UnreadableFileError: Not a readable regular file (permission, FIFO, device, symlink loop).
+        ResourceLimitError: Larger than the cap.
+        AdapterConfigError: Not UTF-8 JSON, too deep, peft_type not LOHA, unknown keys, bad values,
+            a bad or pathological pattern.
     """
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise AdapterNotFoundError(f"{p}: file not found") from None
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise AdapterConfigError(f"{p}: not UTF-8 text ({e})") from None
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise AdapterConfigError(f"{p}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise AdapterConfigError(f"{p}: expected a JSON object with the LoHa config fields, got {type(data).__name__}")
-    try:
-        config = LoHaConfig.from_dict(data, strict=strict, source=str(p))
-    except (ValueError, TypeError) as e:
-        raise AdapterConfigError(str(e) if str(p) in str(e) else f"{p}: {e}") from None
-    alphas = {"alpha": config.alpha, **{f"alpha_pattern[{k!r}]": v for k, v in config.alpha_pattern.items()}}
-    for name, value in alphas.items():
-        if not math.isfinite(value):
-            raise AdapterConfigError(f"{p}: {name} must be a finite number, got {value!r}")
-    if isinstance(config.target_modules, str) and config.target_modules != "all-linear":
-        _check_regex(config.target_modules, "target_modules", str(p))
-    if isinstance(config.exclude_modules, str):
-        _check_regex(config.exclude_modules, "exclude_modules", str(p))
-    for field_name in ("rank_pattern", "alpha_pattern"):
-        for key in getattr(config, field_name):
-            _check_regex(key, f"{field_name} key", str(p))
-    return config
+    raw = read_regular_file(p, MAX_JSON_BYTES, "adapter config")
+    return _parse_adapter_config(raw, p, strict)
 
 
 # ------------------------------------------------------------------------------------------
@@ -336,7 +540,14 @@ def plan_adapter(model: nn.Module, config: LoHaConfig, source: str = "<config>")
     planner = _planner_for(model)
     try:
         resolved = planner._resolve_config(config)
+    except (ValueError, TypeError, re.error, RecursionError) as e:
+        raise AdapterConfigError(f"{source}: the config does not fit the model: {e}") from None
+    # the target rules will match every pattern against every module path: time that first
+    check_patterns(resolved, source, [n for n, _ in planner.model.named_modules()])
+    try:
         targets = planner._find_targets(resolved)
+    except LoHaFormatError:
+        raise
     except (ValueError, TypeError, re.error, RecursionError) as e:
         raise AdapterConfigError(f"{source}: the config does not fit the model: {e}") from None
     slots: dict[str, TensorSlot] = {}
@@ -445,7 +656,16 @@ def check_adapter_tensors(
             )
         if not slot.floating and t.is_floating_point():
             raise StateDictMismatchError(f"{wp}: {KEY_PREFIX + key!r} has dtype {t.dtype}, expected an integer tensor")
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and t.dtype not in _READABLE_FLOAT_DTYPES:
+            raise StateDictMismatchError(
+                f"{wp}: {KEY_PREFIX + key!r} has dtype {t.dtype}, which lohakit cannot convert for {slot.reason} "
+                f"(expected one of {', '.join(str(d).removeprefix('torch.') for d in _READABLE_FLOAT_DTYPES)})"
+            )
+        try:
+            finite = tensor_is_finite(t)
+        except TypeError as e:
+            raise StateDictMismatchError(f"{wp}: {KEY_PREFIX + key!r}: {e}") from None
+        if not finite:
             nonfinite.append(key)
     if nonfinite:
         msg = f"{wp}: {len(nonfinite)} tensor(s) hold NaN or inf: {_listing(nonfinite)}"
@@ -520,11 +740,21 @@ def _config_json(model: LoHaModel, adapter_name: str) -> dict[str, Any]:
 def write_adapter_dirs(payloads: Iterable[tuple[str | os.PathLike, dict[str, Any], Mapping[str, torch.Tensor]]]) -> None:
     """Write ``(directory, config dict, tensors)`` adapter folders in PEFT's layout, all or nothing.
 
-    Every file goes to a temporary file first and all are renamed into place only once all
-    were written: a failure leaves existing files untouched and no temporary file behind.
+    One transaction (:class:`~lohakit.core.io.StagedWrites` rooted at the directories' common
+    parent): every file is staged and fsynced in a hidden ``.lohakit-save-<id>.tmp`` directory,
+    a commit record is written, then the files are renamed into place. A failure before the
+    commit point leaves the existing files untouched and nothing behind; a crash after it is
+    completed by the next save into the directory or the next lohakit load, so the folders
+    hold the whole previous save or the whole new one. Concurrent saves run one after the
+    other (a directory lock). The files' bytes are exactly PEFT's: nothing is added to them.
     """
-    with StagedWrites() as writes:
-        for directory, config, tensors in payloads:
+    items = list(payloads)
+    if not items:
+        return
+    dirs = [os.path.abspath(d) for d, _, _ in items]
+    root = Path(os.path.commonpath(dirs))
+    with StagedWrites(root=root) as writes:
+        for directory, config, tensors in items:
             data = (json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
             writes.stage_safetensors(tensors, Path(directory) / SAFETENSORS_WEIGHTS_NAME, {"format": "pt"})
             writes.stage_bytes(data, Path(directory) / ADAPTER_CONFIG_NAME)
@@ -587,22 +817,65 @@ def save_pretrained(
 # ------------------------------------------------------------------------------------------
 # Loading
 # ------------------------------------------------------------------------------------------
+_CONTAINERS = (dict, list, set)
+
+
 class _Rollback:
-    """What a load may change in a model, recorded so that a failure can put it back."""
+    """What a load may change in a model, recorded so that a failure can put it back.
+
+    For every module: its ``__dict__`` (attributes added or replaced), and the content of every
+    dict, list and set in it (``_modules``, ``_parameters``, ``_buffers``, every hook table,
+    adapter bookkeeping such as ``peft_config`` and ``targeted_module_names``), restored in
+    place so that references to those containers stay valid; and every parameter's
+    ``requires_grad``. Tensors the load does not create are never written to, so restoring
+    the structure restores the model bit for bit.
+    """
 
     def __init__(self, root: nn.Module) -> None:
-        self.children = [(m, dict(m._modules)) for m in root.modules()]
+        self.modules: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]] = []
+        for m in root.modules():
+            attrs = dict(m.__dict__)
+            copies = {k: type(v)(v) if type(v) in (list, set) else v.copy() for k, v in attrs.items() if isinstance(v, _CONTAINERS)}
+            self.modules.append((m, attrs, copies))
         self.flags = [(p, p.requires_grad) for p in root.parameters()]
-        self.modes = [(m, m.training) for m in root.modules()]
 
     def restore(self) -> None:
-        for m, children in self.children:
-            m._modules.clear()
-            m._modules.update(children)
-        for p, flag in self.flags:
-            p.requires_grad_(flag)
-        for m, mode in self.modes:
-            m.training = mode
+        """Put everything back; a KeyboardInterrupt meanwhile is held until the end."""
+        with _deferred_interrupts():
+            for m, attrs, copies in self.modules:
+                for k in [k for k in m.__dict__ if k not in attrs]:
+                    del m.__dict__[k]
+                for k, v in attrs.items():
+                    if k in copies:
+                        saved = copies[k]
+                        if isinstance(v, list):
+                            v[:] = saved
+                        else:
+                            v.clear()
+                            v.update(saved)
+                    m.__dict__[k] = v
+            for p, flag in self.flags:
+                p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def _deferred_interrupts() -> Iterator[None]:
+    """Hold SIGINT (main thread only) while the body runs; re-raise it afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    try:
+        old = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    except (ValueError, OSError, TypeError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old if old is not None else signal.default_int_handler)
+        if caught:
+            raise KeyboardInterrupt
 
 
 def _read(
@@ -610,9 +883,26 @@ def _read(
 ) -> tuple[AdapterSource, LoHaConfig, dict[str, torch.Tensor]]:
     _check_name(adapter_name)
     source = resolve_adapter(path, subfolder=subfolder, revision=revision, **hub_kwargs)
-    config = read_adapter_config(source.config_path, strict=strict)
-    tensors = load_state_dict(source.weights_path)
+    raw_config, raw_weights = read_files_consistently(
+        [source.config_path, source.weights_path],
+        max_bytes=[MAX_JSON_BYTES, None],
+        what=["adapter config", "tensor file"],
+        prechecks=[None, _weights_precheck(source.weights_path)],
+    )
+    config = _parse_adapter_config(raw_config, source.config_path, strict)
+    tensors = parse_state_dict_bytes(raw_weights, source.weights_path)
     return source, config, tensors
+
+
+def _weights_precheck(path: Path) -> Any:
+    """For a safetensors file: its header length checked against the cap before it is read."""
+    if path.suffix.lower() != ".safetensors":
+        return None
+
+    def check(fd: int, st: os.stat_result) -> None:
+        _check_safetensors_prefix(os.pread(fd, 8, 0), st.st_size, path)
+
+    return check
 
 
 def _fill(model: LoHaModel, adapter_name: str, slots: Mapping[str, TensorSlot], tensors: Mapping[str, torch.Tensor]) -> None:
@@ -739,18 +1029,11 @@ def load_adapter(
         model, model_id, adapter_name, is_trainable, strict, subfolder, revision, hub_kwargs
     )
     rollback = _Rollback(model)
-    state = (dict(model.peft_config), model.active_adapter, list(model.targeted_module_names))
     try:
         model.add_adapter(adapter_name, resolved, low_cpu_mem_usage=low_cpu_mem_usage)
         _fill(model, adapter_name, slots, checked)
         _finish(model, is_trainable)
     except BaseException:
-        for _, layer in model.loha_layers():
-            layer.delete_adapter(adapter_name)
-        for _, wrapper in model._wrappers():
-            if adapter_name in wrapper.modules_to_save:
-                del wrapper.modules_to_save[adapter_name]
-        model.peft_config, model.active_adapter, model.targeted_module_names = state
         rollback.restore()
         raise
     logger.info("loaded LoHa adapter %r from %s (%d tensors)", adapter_name, source.origin, len(checked))
