@@ -86,3 +86,42 @@ def test_two_processes_match_one(setup):
     assert a and a.keys() == b.keys()  # the loop below must not pass vacuously
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def _launch(d: Path, args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", ACCELERATE_DISABLE_RICH="1")
+    env.pop("WORLD_SIZE", None)
+    cmd = [*_accelerate(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", "0", "-m", "lohakit", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_fsdp_two_processes_match_one_and_resume(setup):
+    """--fsdp: FSDP2 over gloo; same losses and adapter as one process, and a sharded resume continues them."""
+    import shutil
+
+    d = setup
+    r = _launch(d, _args(d, d / "fsdp", batch=2) + ["--fsdp"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    fs = d / "fsdp"
+    st = json.loads((fs / "checkpoint-2" / "trainer_state.json").read_text())
+    assert st["world_size"] == 2 and st["replica_digests"][0] == st["replica_digests"][1]
+    one = d / "one-ref"
+    assert main(_args(d, one, batch=4)) == 0
+    torch.testing.assert_close(torch.tensor(_losses(fs)), torch.tensor(_losses(one)), rtol=1e-5, atol=1e-6)
+    from lohakit import load_state_dict
+
+    a, b = load_state_dict(fs / "adapter_model.safetensors"), load_state_dict(one / "adapter_model.safetensors")
+    assert a and a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    # resume from checkpoint-2 under FSDP: the full optimizer state is cut into shards again
+    part = d / "fsdp-part"
+    part.mkdir()
+    shutil.copytree(fs / "checkpoint-2", part / "checkpoint-2")
+    lines = [x for x in (fs / "metrics.jsonl").read_text().splitlines() if x.strip() and json.loads(x)["step"] <= 2]
+    (part / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    r = _launch(d, _args(d, part, batch=2) + ["--fsdp", "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from checkpoint-2 (step 2 of 4)" in r.stdout
+    torch.testing.assert_close(torch.tensor(_losses(part)), torch.tensor(_losses(fs)), rtol=1e-6, atol=1e-7)

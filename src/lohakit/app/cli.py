@@ -98,6 +98,9 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--overwrite", dest="overwrite", action="store_true", default=None,
                    help="replace lohakit's files in an existing --output-dir")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    p.add_argument("--fsdp", dest="fsdp", action="store_true", default=None,
+                   help="with several processes, shard the model with torch's FSDP2 (fully_shard) instead of DDP; "
+                   "works on CPU (gloo), where accelerate's own FSDP plugin does not")
     g = p.add_argument_group("LoHa adapter (override the config file's 'loha' section)")
     g.add_argument("-r", "--rank", dest="loha_r", type=int, metavar="R", help="rank of each Hadamard branch")
     g.add_argument("--alpha", dest="loha_alpha", type=float, metavar="ALPHA", help="scale numerator: ΔW is scaled by alpha / r")
@@ -116,7 +119,7 @@ def _train_config(args: argparse.Namespace) -> Any:
     for dest, _ in _TRAIN_FLAGS.values():
         if getattr(args, dest) is not None:
             data[dest] = getattr(args, dest)
-    for dest in ("cpu", "resume", "overwrite", "progress"):
+    for dest in ("cpu", "resume", "overwrite", "progress", "fsdp"):
         if getattr(args, dest) is not None:
             data[dest] = getattr(args, dest)
     if not isinstance(data.get("loha") or {}, dict):

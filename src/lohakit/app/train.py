@@ -96,6 +96,9 @@ class TrainConfig:
         mixed_precision: ``auto`` (bf16 on a GPU that supports it, else fp32), no, bf16, fp16.
         cpu: Force the CPU even when a GPU is present.
         progress: Show the tqdm bar.
+        fsdp: Shard the model with torch's FSDP2 (``fully_shard``: each decoder layer, then the
+            root) instead of DDP when several processes run; checkpoints gather the shards, so
+            they are the same files as without it.
     """
 
     model: str | None = None
@@ -126,6 +129,7 @@ class TrainConfig:
     resume: bool | str = False
     overwrite: bool = False
     progress: bool = True
+    fsdp: bool = False
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -172,6 +176,7 @@ class TrainConfig:
             "loha": (lambda v: isinstance(v, dict), "a mapping of LoHaConfig fields"),
             "model_kwargs": (lambda v: isinstance(v, dict), "a mapping"),
             "resume": (lambda v: isinstance(v, (bool, str)), "true/false or a checkpoint directory"),
+            "fsdp": (lambda v: isinstance(v, bool), "true or false"),
         }
         for name, (ok, expected) in checks.items():
             v = getattr(self, name)
@@ -369,6 +374,34 @@ def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
         for idx, st in meta["state"].items()
     }
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered (a collective), any other tensor as is."""
+    gather = getattr(t, "full_tensor", None)
+    return gather() if callable(gather) else t
+
+
+def _full_optimizer_state(sd: dict[str, Any]) -> dict[str, Any]:
+    """An FSDP2 optimizer state_dict with every sharded state gathered (every rank calls, same order)."""
+    state = {idx: {k: _full(v) if torch.is_tensor(v) else v for k, v in st.items()} for idx, st in sd["state"].items()}
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def _shard_optimizer_state(sd: dict[str, Any], params: list[torch.Tensor]) -> dict[str, Any]:
+    """The reverse: full states (from a checkpoint) cut into the shards of the sharded ``params``."""
+    from torch.distributed.tensor import distribute_tensor
+
+    state: dict[Any, Any] = {}
+    for idx, st in sd["state"].items():
+        p = params[int(idx)]
+        mesh = getattr(p, "device_mesh", None)
+        state[idx] = {
+            k: distribute_tensor(v.to(p.dtype), mesh, p.placements)
+            if mesh is not None and torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape) else v
+            for k, v in st.items()
+        }
+    return {"state": state, "param_groups": sd["param_groups"]}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -670,18 +703,31 @@ def train(
         acc.wait_for_everyone()
 
         global_batch = cfg.batch_size * world
+        sharded = cfg.fsdp and world > 1
+        if cfg.fsdp and not sharded:
+            logger.warning("--fsdp with a single process: training unsharded")
+        if sharded:
+            from ..integrations.fsdp import shard_loha_model
+
+            shard_loha_model(peft)  # before the optimizer: it must hold the sharded parameters
         params = [p for p in peft.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, cfg.max_steps))
         start_step = 0
         if state is not None:
             opt_tensors = load_state_dict(resume_dir / "optimizer.safetensors")
-            optimizer.load_state_dict(_optimizer_from_files(opt_tensors, state["optimizer"]))
+            opt_state = _optimizer_from_files(opt_tensors, state["optimizer"])
+            if sharded:
+                opt_state = _shard_optimizer_state(opt_state, params)
+            optimizer.load_state_dict(opt_state)
             scheduler.load_state_dict(state["scheduler"])
             start_step = int(state["step"])
             if state.get("world_size", world) * state.get("batch_size", cfg.batch_size) != global_batch:
                 logger.warning("resuming with another global batch (%s) than the checkpoint's: the data order changes", global_batch)
-        model, optimizer = acc.prepare(peft, optimizer)
+        if sharded:
+            model = peft  # fully_shard replaces DDP; accelerate would wrap it again
+        else:
+            model, optimizer = acc.prepare(peft, optimizer)
         torch.manual_seed(cfg.seed + 1000 * rank + start_step)
         if state is not None:
             rngs = state.get("rng", [])
@@ -708,7 +754,8 @@ def train(
             batches = data.eval_batches(cfg.batch_size, cfg.eval_batches)
             tot = torch.zeros(3, dtype=torch.float64, device=acc.device)  # (loss·n, n, correct)
             with torch.no_grad():
-                for b in batches[rank::world]:
+                # under FSDP every forward is a collective: each rank runs every batch (no reduction)
+                for b in batches if sharded else batches[rank::world]:
                     b = {k: v.to(acc.device) for k, v in b.items()}
                     loss, n, logits = _batch_loss(model, b, cfg.task)
                     tot[0] += loss.double() * n
@@ -716,7 +763,7 @@ def train(
                     if cfg.task == "seq-cls":
                         tot[2] += (logits.argmax(-1) == b["labels"]).sum()
             model.train()
-            if world > 1:
+            if world > 1 and not sharded:
                 tot = acc.reduce(tot, reduction="sum")
             if tot[1] == 0:
                 return {}
@@ -730,20 +777,27 @@ def train(
 
         def save_checkpoint(step: int, reason: str) -> Path:
             rng = [_rng_state()]
-            digest = [_params_digest(params)]
+            digest = [_params_digest([_full(p) for p in params] if sharded else params)]
+            opt_sd = _full_optimizer_state(optimizer.state_dict()) if sharded else optimizer.state_dict()
             if world > 1:
                 from accelerate.utils import gather_object
 
                 rng = gather_object(rng)
                 digest = gather_object(digest)
             final = out / f"checkpoint-{step}"
+            tmp = out / f".checkpoint-{step}.tmp"
             if main:
-                tmp = out / f".checkpoint-{step}.tmp"
                 if tmp.exists():
                     shutil.rmtree(tmp)
                 tmp.mkdir(parents=True)
-                acc.unwrap_model(model).save_pretrained(str(tmp))
-                opt_tensors, opt_meta = _optimizer_to_files(optimizer.state_dict())
+            if sharded:
+                from ..integrations.fsdp import save_pretrained_sharded
+
+                save_pretrained_sharded(peft, str(tmp), is_main_process=main)  # every rank gathers
+            if main:
+                if not sharded:
+                    acc.unwrap_model(model).save_pretrained(str(tmp))
+                opt_tensors, opt_meta = _optimizer_to_files(opt_sd)
                 save_state_dict(opt_tensors, tmp / "optimizer.safetensors", metadata={"format": "pt"})
                 st = {
                     "step": step,
@@ -810,7 +864,11 @@ def train(
                     b = data.batch(step, micro, cfg.grad_accum, global_batch, rank, world)
                     b = {k: v.to(acc.device) for k, v in b.items()}
                     sync = micro == cfg.grad_accum - 1
-                    ctx = acc.no_sync(model) if not sync else contextlib.nullcontext()
+                    if sharded:
+                        model.set_requires_gradient_sync(sync)  # FSDP2's no_sync
+                        ctx = contextlib.nullcontext()
+                    else:
+                        ctx = acc.no_sync(model) if not sync else contextlib.nullcontext()
                     with ctx:
                         loss, _, _ = _batch_loss(model, b, cfg.task)
                         if needs_unused:  # module_dropout may skip every adapter: keep them in the graph (grad 0)
@@ -819,7 +877,10 @@ def train(
                     step_loss += loss.detach().double() / cfg.grad_accum
                     tokens += b["attention_mask"].sum()
                 if cfg.max_grad_norm > 0:
-                    acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                    if sharded:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    else:
+                        acc.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -853,8 +914,13 @@ def train(
             if main and last_eval and bar is not None:
                 bar.write(_eval_line(last_eval))
             last_ckpt = save_checkpoint(step, "final")
-            if main:
+            if sharded:
+                from ..integrations.fsdp import save_pretrained_sharded
+
+                save_pretrained_sharded(peft, str(out), is_main_process=main)
+            elif main:
                 acc.unwrap_model(model).save_pretrained(str(out))
+            if main:
                 _plot(metrics, out / "loss_curve.png")
             acc.wait_for_everyone()
         finally:
