@@ -337,7 +337,7 @@ def factored_linear_nograd(
 
 
 def _merged_weight(
-    weight: torch.Tensor, adapters: Sequence[tuple[torch.Tensor, ...]], dtype: torch.dtype
+    weight: torch.Tensor, adapters: Sequence[tuple[torch.Tensor, ...]], dtype: torch.dtype, keep_products: bool = True
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """``W + Σ ΔW_a`` in ``dtype``, and each adapter's ``(M1·S, M2)`` (factor dtype, ``(out, in·K)``).
 
@@ -345,19 +345,26 @@ def _merged_weight(
     so ΔW is one ``addcmul`` pass per adapter into the flattened W: O(r·in·out) work, no
     ``N``-sized term. The sum runs in the wider of W's and the factors' dtypes (float32
     master factors on a 16-bit W: W is upcast once, as a merge does) and is cast once to the
-    compute dtype.
+    compute dtype. Without ``keep_products`` (nothing records a graph, the products are not
+    returned) the first adapter's sum is built in place in its ``M2`` buffer: one ``out × in``
+    allocation less.
     """
     out = weight.shape[0]
     acc = weight.reshape(out, -1)  # (out, in·K), a view
     products = []
-    for w1a, w1b, w2a, w2b, rows in adapters:
+    for k, (w1a, w1b, w2a, w2b, rows) in enumerate(adapters):
         m1s = _scale_rows(w1a, rows) @ w1b  # (out, in·K): S ⊙_rows A1 B1
         m2 = w2a @ w2b  # (out, in·K)
-        if not products:  # the first adapter allocates the sum, in the wider of W's and the factors' dtypes
-            acc = torch.addcmul(acc.to(torch.promote_types(acc.dtype, m1s.dtype)), m1s, m2)
+        if k == 0:  # the first adapter allocates the sum, in the wider of W's and the factors' dtypes
+            wide = torch.promote_types(acc.dtype, m1s.dtype)
+            if not keep_products and m2.dtype == wide:
+                acc = m2.mul_(m1s).add_(acc)  # (out, in·K), in M2's buffer
+            else:
+                acc = torch.addcmul(acc.to(wide), m1s, m2)
         else:  # (adapters may keep their factors in different dtypes)
             acc.addcmul_(m1s.to(acc.dtype), m2.to(acc.dtype))
-        products.append((m1s, m2))
+        if keep_products:
+            products.append((m1s, m2))
     return acc.to(dtype).view(weight.shape), products
 
 
@@ -389,7 +396,7 @@ class MergedWeightFused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stage, n, *flat):  # type: ignore[override]
         adapters = [flat[5 * i : 5 * i + 5] for i in range(n)]
-        w_eff, _ = _merged_weight(weight, adapters, x.dtype)  # (out, in/g, *k), x's dtype
+        w_eff, _ = _merged_weight(weight, adapters, x.dtype, keep_products=False)  # (out, in/g, *k), x's dtype
         out = stage.forward(x, w_eff, bias)  # (..., out) or (B, out, *spatial)
         ctx.stage, ctx.n = stage, n
         ctx.scalars = [None if torch.is_tensor(a[4]) else a[4] for a in adapters]
@@ -408,9 +415,12 @@ class MergedWeightFused(torch.autograd.Function):
         need_f = [need[5 + 5 * i : 9 + 5 * i] for i in range(ctx.n)]
         stage: Stage = ctx.stage
         # Rebuilt from the saved inputs with differentiable ops: under create_graph=True the
-        # second-order terms see how everything here depends on x and the factors.
+        # second-order terms see how everything here depends on x and the factors. Otherwise
+        # the products' buffers are reused for their gradients (two out × in allocations less).
+        recording = torch.is_grad_enabled()
         w_eff, products = _merged_weight(weight, adapters, x.dtype)
         dx, d = stage.backward(g, x, w_eff, need_input=need[0], need_weight=any(any(f) for f in need_f))
+        del w_eff
         grads: list[torch.Tensor | None] = []
         if d is not None:
             d = d.reshape(weight.shape[0], -1)  # (out, in·K): ∂L/∂ΔW, x's dtype
@@ -419,11 +429,11 @@ class MergedWeightFused(torch.autograd.Function):
             if d is not None and any(nf):
                 d32 = d.to(m2.dtype)
                 if nf[0] or nf[1]:
-                    g1 = d32 * m2  # (out, in·K): ∂L/∂(A1 B1) before the row scale S
+                    g1 = d32 * m2 if recording else m2.mul_(d32)  # (out, in·K): ∂L/∂(A1 B1) before S
                     g_w1a = _scale_rows(g1 @ w1b.T, rows) if nf[0] else None  # (out, r1)
                     g_w1b = _scale_rows(w1a, rows).T @ g1 if nf[1] else None  # (r1, in·K)
                 if nf[2] or nf[3]:
-                    g2 = d32 * m1s  # (out, in·K): ∂L/∂(A2 B2)
+                    g2 = d32 * m1s if recording else m1s.mul_(d32)  # (out, in·K): ∂L/∂(A2 B2)
                     g_w2a = g2 @ w2b.T if nf[2] else None  # (out, r2)
                     g_w2b = w2a.T @ g2 if nf[3] else None  # (r2, in·K)
             grads += [g_w1a, g_w1b, g_w2a, g_w2b, None]
