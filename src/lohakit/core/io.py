@@ -599,7 +599,12 @@ def _dir_lock(directory: Path, blocking: bool = True) -> Iterator[bool]:
             locked = False
         yield locked
     finally:
-        os.close(fd)  # releases the lock
+        try:  # unlock first: should the close fail or be interrupted, the lock is gone anyway
+            _fcntl.flock(fd, _fcntl.LOCK_UN)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _raise_write_error(e: BaseException, path: Path) -> None:
@@ -608,7 +613,7 @@ def _raise_write_error(e: BaseException, path: Path) -> None:
         raise OSError(
             e.errno, f"{path}: could not write the file ({e.strerror or e}); the previous file is intact", str(path)
         ) from e
-    m = re.search(r"code:\s*(\d+)", str(e))
+    m = re.search(r"(?:code:\s*|os error\s+)(\d+)", str(e))
     code = int(m.group(1)) if m else _errno.EIO
     reason = os.strerror(code) if m else str(e)
     raise OSError(code, f"{path}: could not write the file ({reason}); the previous file is intact", str(path)) from None

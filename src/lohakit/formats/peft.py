@@ -352,7 +352,7 @@ def _probe_strings(pattern: str) -> list[str]:
             break
     probes = []
     for ch in sorted(chars):
-        probes += [ch * 24 + "\x00", ch * 48]
+        probes += [ch * 32 + "\x00", ch * 48]
     probes += ["a." * 24 + "!", "model.layers.0.self_attn.q_proj." * 3 + "!"]
     return probes
 
