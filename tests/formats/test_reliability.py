@@ -527,7 +527,7 @@ def test_mutated_adapter_files(tmp_path_factory, data):
         elif op == "dtype":
             sd[key] = sd[key].to(data.draw(st.sampled_from([torch.float16, torch.bfloat16, torch.int32, torch.bool, *FLOAT8])))
         elif op == "shape":
-            sd[key] = torch.ones(*data.draw(st.lists(st.integers(0, 4), max_size=3)))
+            sd[key] = torch.ones(tuple(data.draw(st.lists(st.integers(0, 4), max_size=3))))
         elif op == "nan":
             sd[key] = sd[key].clone().fill_(float("nan"))
         else:
