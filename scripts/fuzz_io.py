@@ -29,11 +29,11 @@ class _Collect:
         self.results: dict[str, tuple[str, float]] = {}
         self.counts: dict[str, int] = {}
 
-    def pytest_runtest_logreport(self, report) -> None:  # noqa: ANN001 - pytest hook
+    def pytest_runtest_logreport(self, report) -> None:
         if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
             self.results[report.nodeid] = (report.outcome, report.duration)
 
-    def pytest_sessionfinish(self, session) -> None:  # noqa: ANN001 - pytest hook
+    def pytest_sessionfinish(self, session) -> None:
         module = sys.modules.get("tests.formats.test_reliability") or sys.modules.get("test_reliability")
         if module is not None:
             self.counts = dict(module.COUNTS)

@@ -626,7 +626,7 @@ def _write_safetensors(prepared: Mapping[str, torch.Tensor], tmp: Path, meta: Ma
         st.save_file(prepared, str(tmp), metadata=meta)
     except (KeyboardInterrupt, SystemExit, MemoryError):
         raise
-    except Exception as e:  # SafetensorError wraps the OS error (EFBIG, ENOSPC) in its message
+    except Exception as e:  # noqa: BLE001 - SafetensorError wraps the OS error (EFBIG, ENOSPC) in its message
         _raise_write_error(e, dest)
 
 

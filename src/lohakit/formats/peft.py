@@ -411,7 +411,7 @@ def check_patterns(config: LoHaConfig, where: str, names: Iterable[str] | None =
             if not timed:
                 try:
                     risky = _looks_catastrophic(form)
-                except Exception:  # the parser is private API; be safe rather than sorry
+                except Exception:  # noqa: BLE001 - the parser is private API; never fail on it
                     risky = False
                 if risky:
                     raise AdapterConfigError(
