@@ -962,5 +962,17 @@ def test_reader_detects_a_swap_between_its_reads(saved, monkeypatch):
         LoHaModel.from_pretrained(tiny(), str(saved))
 
 
+def test_helpers_for_other_readers(saved, tmp_path):
+    """read_adapter (inspect/convert) and load_safetensors_with_metadata (kohya) apply the same checks."""
+    source, config, tensors = pf.read_adapter(saved)
+    assert config.alpha == OLD[0] and all(k.startswith(pf.KEY_PREFIX) for k in tensors)
+    w = saved / pf.SAFETENSORS_WEIGHTS_NAME
+    sd, meta = lio.load_safetensors_with_metadata(w)
+    assert meta == {"format": "pt"} and sd.keys() == tensors.keys()
+    _make_hostile("fifo", tmp_path / "f.safetensors")
+    with pytest.raises(lio.UnreadableFileError, match="FIFO"):
+        lio.load_safetensors_with_metadata(tmp_path / "f.safetensors")
+
+
 def teardown_module() -> None:
     print(f"\n[reliability] outcomes: {dict(sorted(COUNTS.items()))}")

@@ -62,6 +62,7 @@ __all__ = [
     "MAX_JSON_BYTES",
     "MAX_JSON_DEPTH",
     "load_state_dict",
+    "load_safetensors_with_metadata",
     "parse_state_dict_bytes",
     "save_state_dict",
     "read_safetensors_metadata",
@@ -487,6 +488,28 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     finally:
         os.close(fd)
     return parse_state_dict_bytes(data, p)
+
+
+def load_safetensors_with_metadata(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors and its ``__metadata__``, from one read of the file.
+
+    The same checks as :func:`load_state_dict` (regular file, header cap before reading); for
+    readers such as kohya's that need both without opening the file twice.
+
+    Raises:
+        The errors of :func:`load_state_dict`.
+    """
+    p = Path(path)
+    fd, st = _open_regular(p, "safetensors file")
+    try:
+        prefix = _read_exact(fd, min(8, st.st_size), p, "safetensors file")
+        n = _safetensors_header(prefix, st.st_size, p)
+        data = prefix + _read_exact(fd, st.st_size - len(prefix), p, "safetensors file")
+    finally:
+        os.close(fd)
+    tensors = _load_safetensors_bytes(data, p)  # checks the header's structure first
+    header = json.loads(data[8 : 8 + n].decode("utf-8"))
+    return tensors, dict(header.get("__metadata__", {}))
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -75,6 +75,7 @@ __all__ = [
     "AdapterSource",
     "resolve_adapter",
     "read_adapter_config",
+    "read_adapter",
     "plan_adapter",
     "check_adapter_tensors",
     "peft_state_dict",
@@ -892,6 +893,28 @@ def _read(
     config = _parse_adapter_config(raw_config, source.config_path, strict)
     tensors = parse_state_dict_bytes(raw_weights, source.weights_path)
     return source, config, tensors
+
+
+def read_adapter(
+    path: str | os.PathLike,
+    subfolder: str | None = None,
+    strict: bool = False,
+    revision: str | None = None,
+    **hub_kwargs: Any,
+) -> tuple[AdapterSource, LoHaConfig, dict[str, torch.Tensor]]:
+    """Read an adapter directory's config and tensors together, as the loaders do (no model needed).
+
+    For tools that inspect or convert adapters: the two files are read consistently (never
+    from two different saves; see :func:`~lohakit.core.io.read_files_consistently`), with every
+    check of :func:`read_adapter_config` and :func:`~lohakit.core.io.load_state_dict`.
+
+    Returns:
+        (where the files are, the config, the tensors under the file's keys).
+
+    Raises:
+        LoHaFormatError: (a subclass) naming the file and the problem.
+    """
+    return _read(path, "default", strict, subfolder, revision, hub_kwargs)
 
 
 def _weights_precheck(path: Path) -> Any:
