@@ -357,6 +357,20 @@ def _check_safetensors_header(header: Any, data_len: int, path: Path) -> None:
             )
 
 
+def _parse_header(raw: bytes, data_len: int | None, path: Path) -> dict[str, Any]:
+    """The parsed header; its problems are reported as "not a valid safetensors file (...)"."""
+    try:
+        header = parse_json_bytes(raw, path, "safetensors header")
+        if data_len is not None:
+            _check_safetensors_header(header, data_len, path)
+        elif not isinstance(header, dict):
+            raise CorruptFileError(f"{path}: the safetensors header is {type(header).__name__}, expected a JSON object")
+    except CorruptFileError as e:
+        detail = str(e).removeprefix(f"{path}: ")
+        raise CorruptFileError(f"{path}: not a valid safetensors file ({detail})") from None
+    return header
+
+
 def _safetensors_header(prefix: bytes, size: int, path: Path) -> int:
     """Header length from the 8-byte prefix, checked against the cap and the file size."""
     if size < 8 or len(prefix) < 8:
@@ -379,8 +393,7 @@ def _load_safetensors_bytes(data: bytes, path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load as st_load
 
     n = _safetensors_header(data[:8], len(data), path)
-    header = parse_json_bytes(data[8 : 8 + n], path, "safetensors header")
-    _check_safetensors_header(header, len(data) - 8 - n, path)
+    _parse_header(data[8 : 8 + n], len(data) - 8 - n, path)
     try:
         out = st_load(data)
     except MemoryError:
@@ -528,7 +541,7 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     try:
         prefix = _read_exact(fd, min(8, st.st_size), p, "safetensors file")
         n = _safetensors_header(prefix, st.st_size, p)
-        header = parse_json_bytes(_read_exact(fd, n, p, "safetensors file"), p, "safetensors header")
+        header = _parse_header(_read_exact(fd, n, p, "safetensors file"), None, p)
     finally:
         os.close(fd)
     meta = header.get("__metadata__", {}) if isinstance(header, dict) else None
