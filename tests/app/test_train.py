@@ -419,3 +419,15 @@ def test_resume_with_max_steps_not_above_the_checkpoint(llama_dir, data_txt, tmp
     assert "resumed from checkpoint-4 (step 4 of 6)" in printed
     steps = [r["step"] for r in read_metrics(out) if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_default_learning_rate_follows_the_width():
+    from lohakit.app.train import default_lr
+
+    assert default_lr({"hidden_size": 128}) == pytest.approx(3e-2)  # capped at the measured optimum
+    assert default_lr({"hidden_size": 256}) == pytest.approx(6 / 256)
+    assert default_lr({"n_embd": 4096}) == pytest.approx(6 / 4096)
+    assert default_lr(None) == pytest.approx(1e-2)
+    assert TrainConfig(model="m", data="d", output_dir="o").lr is None
+    with pytest.raises(ValueError, match="'lr' must be a positive number"):
+        TrainConfig.from_dict({"model": "m", "data": "d", "output_dir": "o", "lr": 0})

@@ -66,7 +66,8 @@ _TRAIN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--batch-size": ("batch_size", dict(type=int, help="samples per process per micro-step (8)")),
     "--grad-accum": ("grad_accum", dict(type=int, help="micro-steps per optimiser step (1)")),
     "--max-steps": ("max_steps", dict(type=int, help="optimiser steps (100)")),
-    "--lr": ("lr", dict(type=float, help="AdamW learning rate (1e-3)")),
+    "--lr": ("lr", dict(type=float, help="AdamW learning rate (default: min(3e-2, 6 / hidden size), measured for LoHa; "
+                                        "about 3x the rate LoRA wants)")),
     "--weight-decay": ("weight_decay", dict(type=float, help="AdamW weight decay (0)")),
     "--warmup-steps": ("warmup_steps", dict(type=int, help="linear warm-up steps (0)")),
     "--lr-scheduler": ("lr_scheduler", dict(choices=["linear", "cosine", "constant"], help="decay after warm-up (linear)")),

@@ -88,7 +88,8 @@ class TrainConfig:
         batch_size: Samples per process per micro-step.
         grad_accum: Micro-steps per optimiser step.
         max_steps: Optimiser steps in total.
-        lr, weight_decay, warmup_steps, lr_scheduler, max_grad_norm: The AdamW schedule.
+        lr: AdamW learning rate; None: :func:`default_lr` of the model's width (measured for LoHa).
+        weight_decay, warmup_steps, lr_scheduler, max_grad_norm: The rest of the AdamW schedule.
         eval_every, eval_batches: Evaluate every N steps on at most this many batches.
         save_every: Checkpoint every N steps (and always at the end).
         resume: ``True`` (latest checkpoint in output_dir) or a checkpoint directory.
@@ -115,7 +116,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     max_steps: int = 100
-    lr: float = 1e-3
+    lr: float | None = None
     weight_decay: float = 0.0
     warmup_steps: int = 0
     lr_scheduler: str = "linear"
@@ -169,7 +170,7 @@ class TrainConfig:
             "eval_batches": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
             "save_every": (lambda v: _is_int(v) and v >= 0, "an int >= 0 (0: only at the end)"),
             "seed": (lambda v: _is_int(v), "an int"),
-            "lr": (lambda v: _is_num(v) and v > 0, "a positive number"),
+            "lr": (lambda v: v is None or (_is_num(v) and v > 0), "a positive number (or null: chosen from the model's width)"),
             "weight_decay": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
             "max_grad_norm": (lambda v: _is_num(v) and v >= 0, "a number >= 0 (0: no clipping)"),
             "eval_fraction": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
@@ -269,6 +270,36 @@ def model_dir_config(model: str) -> dict[str, Any] | None:
     if not _IMPORT_PATH.match(model):
         raise FileNotFoundError(f"model {model!r} is neither an existing directory nor an import path 'package.module:callable'")
     return None
+
+
+#: config keys holding a transformer's width (the first one present wins).
+_WIDTH_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
+#: The default learning rate is DEFAULT_LR_WIDTH / width, capped at DEFAULT_LR_MAX (see default_lr).
+DEFAULT_LR_WIDTH = 6.0
+DEFAULT_LR_MAX = 3e-2
+DEFAULT_LR_UNKNOWN_WIDTH = 1e-2
+
+
+def default_lr(model_config: dict[str, Any] | None) -> float:
+    """lohakit train's learning rate for LoHa when none is given: ``min(3e-2, 6 / width)``.
+
+    Measured (AdamW, linear decay, r=8, alpha=8, against PEFT LoRA r=16 at the same parameter
+    count; README "Learning rate"): LoHa's best rate was about 3x LoRA's on both tasks, 3e-2 at
+    widths 128 and 256, and the best rates fell with the width (LoRA 3e-2 -> 1e-2, LoHa's
+    tolerance 1e-1 -> 3e-2), as Adam's usually do. ``6 / width`` meets the measured optimum at
+    256, is capped at the measured 3e-2 below, and gives 1.5e-3 at width 4096, about 3x the
+    2e-4 - 5e-4 common for LoRA there (an extrapolation, not a measurement). Width unknown: 1e-2.
+    """
+    for key in _WIDTH_KEYS:
+        v = (model_config or {}).get(key)
+        if _is_int(v) and v > 0:
+            return min(DEFAULT_LR_MAX, DEFAULT_LR_WIDTH / v)
+    return DEFAULT_LR_UNKNOWN_WIDTH
+
+
+def _config_dict(model: nn.Module) -> dict[str, Any] | None:
+    cfg = getattr(model, "config", None)
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else None
 
 
 #: config keys that bound the sequence length a model accepts (the first one present wins).
@@ -711,7 +742,8 @@ def train(
 
             shard_loha_model(peft)  # before the optimizer: it must hold the sharded parameters
         params = [p for p in peft.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        lr = cfg.lr if cfg.lr is not None else default_lr(model_cfg or _config_dict(base))
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, cfg.max_steps))
         start_step = 0
         if state is not None:
@@ -821,7 +853,7 @@ def train(
             return final
 
         if main:
-            for line in _banner(cfg, base, peft, tok, data, trainable, total, world):
+            for line in _banner(cfg, base, peft, tok, data, trainable, total, world, lr):
                 say(line)
             if resume_dir is not None:
                 say(f"resumed from {resume_dir.name} (step {start_step} of {cfg.max_steps})")
@@ -964,7 +996,7 @@ def _n_samples(data: CausalLMData | ClassificationData) -> tuple[int, int]:
 
 def _banner(
     cfg: TrainConfig, base: nn.Module, model: LoHaModel, tok: Any, data: CausalLMData | ClassificationData,
-    trainable: int, total: int, world: int,
+    trainable: int, total: int, world: int, lr: float,
 ) -> list[str]:
     """The start lines: what is trained, on what, how."""
     loha = model.peft_config[model.active_adapters[0]]
@@ -977,7 +1009,8 @@ def _banner(
         f"{len(list(model.loha_layers()))} modules: {trainable:,} of {total:,} parameters trainable ({pct:.3f}%)",
         f"data: {n_train} train / {n_eval} eval {unit}, {tokens}",
         f"{cfg.max_steps} steps of {cfg.batch_size * world * cfg.grad_accum} samples "
-        f"({world} process{'es' if world > 1 else ''} x batch {cfg.batch_size} x accumulation {cfg.grad_accum}), lr {cfg.lr:g}",
+        f"({world} process{'es' if world > 1 else ''} x batch {cfg.batch_size} x accumulation {cfg.grad_accum}), "
+        f"lr {lr:.3g}{' (default for its width; --lr to set)' if cfg.lr is None else ''}",
     ]
 
 
