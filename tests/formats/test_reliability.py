@@ -357,6 +357,8 @@ def test_tensor_is_finite_every_dtype(dtype):
 def _write_config(d: Path, **changes: Any) -> None:
     cfg = json.loads((d / pf.ADAPTER_CONFIG_NAME).read_text())
     cfg.update(changes)
+    if "layers_pattern" in changes:  # only valid together with layers_to_transform
+        cfg["layers_to_transform"] = [0]
     (d / pf.ADAPTER_CONFIG_NAME).write_text(json.dumps(cfg))
 
 
@@ -438,6 +440,29 @@ def test_ordinary_patterns_still_load(value, tmp_path):
     lm.save_pretrained(str(tmp_path))
     back = LoHaModel.from_pretrained(tiny(), str(tmp_path))
     assert sorted(n for n, _ in back.loha_layers()) == sorted(n for n, _ in lm.loha_layers())
+
+
+def test_pattern_forms_follow_the_target_rules():
+    """check_patterns compiles each pattern exactly as core/targets.py uses it (pinned here)."""
+    import re
+
+    from lohakit.core import targets
+
+    names = ["lin1", "a.lin1", "a.xlin1", "model.layers.3.lin2", "conv", "x.conv.y"]
+    keys = ["lin1", r"lin\d", "layers\.3\.lin2", "conv|lin1"]
+    cfg = LoHaConfig(r=2, target_modules=".*lin1", exclude_modules="a\..*", rank_pattern={k: 1 for k in keys})
+    cfg.layers_pattern = "layers"  # (the config wants layers_to_transform too; only the form matters here)
+    forms = {label: (form, mode) for label, form, mode in pf._pattern_forms(cfg)}
+    for key in keys:
+        form, _ = forms[f"rank_pattern key {key!r}"]
+        for n in names:
+            assert (re.match(form, n) is not None) == (targets.pattern_key([key], n) == key), (key, n)
+    for n in names:
+        assert (re.fullmatch(forms["exclude_modules"][0], n) is not None) == targets.is_excluded(cfg, n)
+    lp_form = forms["layers_pattern 'layers'"][0]
+    for n in ["model.layers.3.lin2", "layers.0.x.y"]:
+        m = re.match(lp_form, n)
+        assert (int(m.group(1)) if m else None) == targets.layer_index(n, "layers"), n
 
 
 def test_alarm_timer_of_the_caller_survives(saved):
