@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "AdapterStore", "LoHaModel", "ModulesToSaveWrapper", "get_peft_model", "inject_adapter_in_model", "register_adapter_store",
+    "use_base_state_dict_keys",
 ]
 
 class AdapterStore(Protocol):
@@ -816,6 +817,18 @@ def inject_adapter_in_model(
         loha.add_adapter(adapter_name, _as_loha_config(config), low_cpu_mem_usage=low_cpu_mem_usage)
     configs[adapter_name] = loha.peft_config[adapter_name]
     model.__dict__[_INJECTED_CONFIGS] = configs
+    use_base_state_dict_keys(model)
+    return model
+
+
+def use_base_state_dict_keys(model: nn.Module) -> nn.Module:
+    """Make ``model.state_dict()`` / ``load_state_dict`` speak the base model's keys (idempotent).
+
+    For models that carry LoHa layers in place (:func:`inject_adapter_in_model` calls it): the
+    state dict leaves out the adapter tensors and the ``base_layer`` / ``original_module``
+    levels, so the model class's own ``save_pretrained`` writes a checkpoint that the unadapted
+    class loads. Returns ``model``.
+    """
     if not model.__dict__.get("_lohakit_hooks"):
         model.register_state_dict_post_hook(_base_keys_state_dict_hook)
         model.register_load_state_dict_pre_hook(_base_keys_load_pre_hook)

@@ -38,15 +38,16 @@ import torch
 import torch.nn as nn
 from transformers import Trainer
 
+from ..core.config import LoHaConfig, is_peft_loha_config
 from ..core.io import load_state_dict
 from ..core.layers import LoHaLayer
 from ..core.model import LoHaModel, get_peft_model
-from ..core.config import LoHaConfig, is_peft_loha_config
 from ..formats.peft import ADAPTER_CONFIG_NAME, KEY_PREFIX, SAFETENSORS_WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoHaTrainer", "LoHaTrainerMixin", "LoHaSFTTrainer", "load_adapter_weights", "unwrap_loha_model"]
+# LoHaSFTTrainer is built on first access (module __getattr__), since trl is optional.
+__all__ = ["LoHaTrainer", "LoHaTrainerMixin", "load_adapter_weights", "unwrap_loha_model"]
 
 TRAINING_ARGS_NAME = "training_args.bin"
 
