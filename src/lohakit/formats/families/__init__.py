@@ -227,21 +227,7 @@ def save_names(family: Family, model: nn.Module, paths: Iterable[str]) -> dict[s
 # ------------------------------------------------------------------------------------------
 # Registry
 # ------------------------------------------------------------------------------------------
-def _registry() -> tuple[Family, ...]:
-    from .flux import FLUX
-    from .sd3 import SD3
-    from .stable_diffusion import SD, SDXL
-
-    return (SDXL, SD, FLUX, SD3)  # SDXL before SD: same UNet class, SDXL's test is the specific one
-
-
-FAMILIES: tuple[Family, ...] = ()
-
-
 def _families() -> tuple[Family, ...]:
-    global FAMILIES
-    if not FAMILIES:
-        FAMILIES = _registry()
     return FAMILIES
 
 
@@ -394,3 +380,13 @@ def block_names(
     for orig, d in singles.items():
         put(orig, d)
     return out
+
+
+# The registry (at the end: the family modules use the classes above). SDXL before SD: same UNet
+# class, SDXL's test is the specific one. A new family is one more module and one more entry here.
+from .flux import FLUX  # noqa: E402
+from .sd3 import SD3  # noqa: E402
+from .stable_diffusion import SD, SDXL  # noqa: E402
+
+#: Every known family, in recognition order.
+FAMILIES: tuple[Family, ...] = (SDXL, SD, FLUX, SD3)
