@@ -24,6 +24,7 @@ The number of hypothesis examples is ``LOHAKIT_FUZZ_EXAMPLES`` (default: a CI-si
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -31,6 +32,7 @@ import signal
 import socket
 import struct
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -513,7 +515,18 @@ def _outcome(fn: Callable[[], Any], family: str) -> None:
     raw=st.one_of(st.none(), st.binary(max_size=64)),
 )
 def test_mutated_safetensors_headers(tmp_path_factory, header, meta, data, raw):
-    d = tmp_path_factory.mktemp("hdr", numbered=True)
+    with _example_dir(tmp_path_factory) as d:
+        _mutated_header(d, header, meta, data, raw)
+
+
+@contextlib.contextmanager
+def _example_dir(factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh directory per example, removed afterwards (numbered mktemp is O(n) per call)."""
+    with tempfile.TemporaryDirectory(dir=factory.getbasetemp()) as d:
+        yield Path(d)
+
+
+def _mutated_header(d: Path, header: Any, meta: Any, data: bytes, raw: bytes | None) -> None:
     doc: dict[str, Any] = dict(header)
     if meta is not None:
         doc["__metadata__"] = meta
@@ -528,7 +541,11 @@ def test_mutated_safetensors_headers(tmp_path_factory, header, meta, data, raw):
 @given(data=st.data())
 def test_mutated_adapter_files(tmp_path_factory, data):
     """Byte flips, truncations and key/dtype/shape rewrites of a real adapter, via from_pretrained."""
-    d = tmp_path_factory.mktemp("mut", numbered=True)
+    with _example_dir(tmp_path_factory) as d:
+        _mutated_adapter(d, data)
+
+
+def _mutated_adapter(d: Path, data: Any) -> None:
     adapter(*OLD, rank_pattern={"conv": 1}, alpha_pattern={"lin1": 4}).save_pretrained(str(d))
     kind = data.draw(st.sampled_from(["flip_weights", "truncate", "tensors", "config_field", "config_bytes"]))
     w = d / pf.SAFETENSORS_WEIGHTS_NAME
