@@ -349,7 +349,7 @@ def test_not_safetensors_and_missing_file(tmp_path, sd1_models):
         load_kohya(str(tmp_path / "nope.safetensors"), {"lora_unet": unet0})
     q = tmp_path / "garbage.safetensors"
     q.write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="not a valid safetensors"):
+    with pytest.raises(LoHaFormatError, match=r"garbage\.safetensors: .*(too short for a safetensors file|not a valid safetensors)"):
         load_kohya(str(q), {"lora_unet": unet0})
 
 

@@ -258,14 +258,10 @@ def read_kohya_file(path_or_state_dict: StateDictOrPath) -> tuple[dict[str, torc
         raise FileNotFoundError(f"kohya file {path!r} does not exist")
     if not path.endswith(".safetensors"):
         raise ValueError(f"{path}: only .safetensors kohya files are read (pickled .ckpt/.pt files are never loaded)")
-    from safetensors import SafetensorError, safe_open
+    from ..core.io import load_safetensors_with_metadata
 
-    try:
-        with safe_open(path, framework="pt", device="cpu") as fh:
-            metadata = dict(fh.metadata() or {})
-            sd = {k: fh.get_tensor(k) for k in fh.keys()}
-    except SafetensorError as e:
-        raise LoHaFormatError(f"{path}: not a valid safetensors file ({e})") from None
+    # one checked read (regular file, header cap before reading): CorruptFileError etc. name the file
+    sd, metadata = load_safetensors_with_metadata(path)
     return sd, metadata, path
 
 
