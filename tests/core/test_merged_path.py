@@ -223,12 +223,70 @@ def test_torch_compile_matches_eager() -> None:
     torch._dynamo.reset()
 
 
+def _tucker_formula(layer, x: torch.Tensor) -> torch.Tensor:
+    """conv(x, W + Σ s·W1⊙W2), W_i = einsum(t_i, wa_i, wb_i): the Tucker form from its definition."""
+    base = layer.base_layer
+    w = base.weight
+    for name in layer.active_adapters:
+        f = layer.factors(name)
+        k = w.shape[2:]
+        letters = "hwd"[: len(k)]
+        branch = [torch.einsum(f"pq{letters},po,qc->oc{letters}", t.reshape(*t.shape[:2], *k), wa, wb)
+                  for t, wa, wb in ((f.t1, f.w1a, f.w1b), (f.t2, f.w2a, f.w2b))]
+        w = w + branch[0] * branch[1] * layer.scaling[name]
+    return base._conv_forward(x, w, base.bias)
+
+
+@pytest.mark.parametrize("conv,shape", [
+    (lambda: nn.Conv2d(3, 4, 3, padding=1), (2, 3, 5, 5)),
+    (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (2, 4, 7, 7)),
+    (lambda: nn.Conv1d(3, 4, 3, padding=1), (2, 3, 6)),
+    (lambda: nn.Conv3d(2, 3, 3, padding=1), (1, 2, 3, 4, 4)),
+], ids=["conv2d", "conv2d_grouped_stride", "conv1d", "conv3d"])
+def test_tucker_adapters_take_the_merged_node_too(conv, shape) -> None:
+    m = _wrap(conv(), use_effective_conv2d=True)
+    m.set_compute_path("merged")
+    layer = m.model[0]
+    assert layer.factors("default").tucker
+    x = torch.randn(shape, dtype=D, requires_grad=True)
+    y = m(x)
+    assert _node(y) == "MergedWeightBuiltBackward"
+    ref = _tucker_formula(layer, x)
+    torch.testing.assert_close(y, ref, **TOL64)
+    grads = _grads(m, x, y)
+    for a, b in zip(grads, _grads(m, x, ref)):
+        torch.testing.assert_close(a, b, **TOL64)
+    m.set_compute_path("factored")
+    xf = x.detach().clone().requires_grad_()
+    yf = m(xf)
+    torch.testing.assert_close(y, yf, **TOL64_PATHS)
+    for a, b in zip(grads, _grads(m, xf, yf)):
+        torch.testing.assert_close(a, b, **TOL64_PATHS)
+
+
+def test_merged_built_node_gradcheck_with_a_flat_and_a_tucker_adapter() -> None:
+    m = _wrap(nn.Conv2d(2, 3, 3, padding=1), r=2, use_effective_conv2d=True, rank_dropout=0.5)
+    m.add_adapter("flat", LoHaConfig(r=2, alpha=3, target_modules=["0"], init_weights=False))
+    m.to(D)
+    layer = m.model[0]
+    geom, stage = layer.geometry, Fn.Stage(2, (1, 1), (1, 1), (1, 1), 1)
+    ft, ff = layer.factors("default"), layer.factors("flat")
+    rows = torch.rand(3, dtype=D) + 0.5
+    x = torch.randn(1, 2, 4, 4, dtype=D, requires_grad=True)
+    leaves = [t for t in (*ft, *ff) if t is not None]
+
+    def f(x, *ts):
+        it = iter(ts)
+        a = Fn.HadaFactors(*(next(it) if t is not None else None for t in ft))
+        b = Fn.HadaFactors(*(next(it) if t is not None else None for t in ff))
+        return Fn.merged_weight_forward_any(x, layer.base_layer.weight, layer.base_layer.bias, stage,
+                                            [(a, rows), (b, 0.7)], geom.kernel_size)
+
+    assert torch.autograd.gradcheck(f, (x, *leaves))
+
+
 def test_merged_steps_aside_where_it_cannot_be_exact() -> None:
-    """Tucker factors, a trainable base weight, autocast, hooks: the general path runs instead."""
-    tucker = _wrap(nn.Conv2d(3, 4, 3, padding=1), use_effective_conv2d=True)
-    tucker.set_compute_path("merged")
-    x = torch.randn(2, 3, 5, 5, dtype=D, requires_grad=True)
-    assert _node(tucker(x)) != "MergedWeightFusedBackward"
+    """A trainable base weight, hooks: the general path runs instead."""
     m = _wrap(nn.Linear(6, 5))
     m.set_compute_path("merged")
     layer = m.model[0]

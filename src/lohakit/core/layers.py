@@ -443,11 +443,14 @@ class LoHaLayer(nn.Module):
         if path == "auto":
             path = Fn.choose_training_path(geom, all_factors, n_out, n_in, merged_ok)
         if path == "merged" and merged_ok:
-            adapters = []
+            scaled = []
             for (name, mask), factors in zip(running, all_factors):
                 self._check_loaded(name, factors, x)
-                adapters.append((*factors[:4], Fn.output_scale(self.scaling[name], mask, factors)))
+                scaled.append((factors, Fn.output_scale(self.scaling[name], mask, factors)))
             stage = Fn.Stage(geom.ndim, geom.stride, geom.padding, geom.dilation, geom.groups)
+            if any(f.tucker for f in all_factors):
+                return Fn.merged_weight_forward_any(x, base.weight, base.bias, stage, scaled, geom.kernel_size)
+            adapters = [(*f[:4], s) for f, s in scaled]
             return Fn.merged_weight_forward(x, base.weight, base.bias, stage, adapters)
         if len(running) != 1 or path != "factored" or Fn._is_compiling():
             return None

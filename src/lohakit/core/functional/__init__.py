@@ -43,7 +43,7 @@ from .delta import (
     delta_weight,
 )
 from .conv import Stage, StageChain, apply_stages, factored_stages, apply_delta_weight
-from .autograd import FactoredLinear, FactoredLinearFused, FactoredConvFused, MergedWeightFused, merged_weight_forward
+from .autograd import FactoredLinear, FactoredLinearFused, FactoredConvFused, MergedWeightFused, MergedWeightBuilt, merged_weight_forward, merged_weight_forward_any
 from .cost import (
     FACTORED_COST_BIAS,
     ELEMENTWISE_COST,
@@ -84,6 +84,8 @@ __all__ = [
     "FactoredConvFused",
     "MergedWeightFused",
     "merged_weight_forward",
+    "MergedWeightBuilt",
+    "merged_weight_forward_any",
     "COMPUTE_PATHS",
     "FACTORED_COST_BIAS",
     "ELEMENTWISE_COST",

@@ -11,10 +11,11 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .. import kernels
 from .conv import Stage
-from .delta import _a_transposed, _scale_rows, khatri_rao_cols, linear_qp
+from .delta import _a_transposed, _scale_rows, _tucker_branch, khatri_rao_cols, linear_qp
 from .geometry import HadaFactors, _is_compiling
 
 
@@ -456,3 +457,82 @@ def merged_weight_forward(
         w_eff, _ = _merged_weight(weight, adapters, x.dtype)
         return stage.forward(x, w_eff, bias)
     return MergedWeightFused.apply(x, weight, bias, stage, len(adapters), *(t for a in adapters for t in a))
+
+
+def _summed_delta(
+    flat: Sequence[torch.Tensor | None], kinds: Sequence[tuple[bool, torch.Tensor | float]], kernel: tuple[int, ...]
+) -> torch.Tensor:
+    """``Σ ΔW_a`` ``(out, in/g, *k)`` in the factors' dtype, from plain differentiable ops.
+
+    ``flat`` holds six tensors per adapter (w1a, w1b, w2a, w2b, t1, t2; the cores None when
+    flat), ``kinds`` per adapter (tucker, S). Tucker: ``ΔW = S · W1 ⊙ W2`` with
+    ``W_i[o, c, *k] = Σ t_i[p, q, *k] wa_i[p, o] wb_i[q, c]``; flat: ``S ⊙_rows (A1 B1) ⊙ (A2 B2)``.
+    """
+    total = None
+    for i, (tucker, rows) in enumerate(kinds):
+        w1a, w1b, w2a, w2b, t1, t2 = flat[6 * i : 6 * i + 6]
+        if tucker:
+            t1 = t1.reshape(*t1.shape[:2], *kernel)  # drop PEFT's trailing 1 of Conv1d cores
+            t2 = t2.reshape(*t2.shape[:2], *kernel)
+            dw = _tucker_branch(t1, w1a, w1b) * _tucker_branch(t2, w2a, w2b)  # (out, in/g, *k)
+            dw = dw * (rows.view(-1, *[1] * (dw.dim() - 1)) if torch.is_tensor(rows) else rows)
+        else:
+            dw = ((_scale_rows(w1a, rows) @ w1b) * (w2a @ w2b)).view(w1a.shape[0], -1, *kernel)  # (out, in/g, *k)
+        total = dw if total is None else total + dw.to(total.dtype)
+    return total
+
+
+class MergedWeightBuilt(torch.autograd.Function):
+    """:class:`MergedWeightFused` for any mix of flat and Tucker adapters on a frozen ConvNd.
+
+    Same step (forward and dL/dx on ``W + ΣΔW``, ∂L/∂ΔW = Gᵀx the one extra GEMM), with ΔW built
+    by :func:`_summed_delta` and its factor gradients taken by autograd through that build,
+    rebuilt in backward from the saved factors (nothing weight-sized is kept across the step).
+    Its backward is not itself differentiable (``once_differentiable``, as
+    :class:`HadaWeightTucker`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stage, kinds, kernel, *flat):  # type: ignore[override]
+        dw = _summed_delta(flat, kinds, kernel)  # (out, in/g, *k)
+        w_eff = (weight.to(torch.promote_types(weight.dtype, dw.dtype)) + dw).to(x.dtype)
+        ctx.stage, ctx.kinds, ctx.kernel = stage, kinds, kernel
+        ctx.present = [t is not None for t in flat]
+        ctx.save_for_backward(x, weight, *(t for t in flat if t is not None))
+        return stage.forward(x, w_eff, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):  # type: ignore[override]
+        x, weight, *saved = ctx.saved_tensors
+        need_f = ctx.needs_input_grad[6:]
+        it = iter(saved)
+        flat = [next(it) if p else None for p in ctx.present]
+        with torch.enable_grad():
+            leaves = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(flat, need_f)]
+            dw = _summed_delta(leaves, ctx.kinds, ctx.kernel)  # (out, in/g, *k)
+        w_eff = (weight.to(torch.promote_types(weight.dtype, dw.dtype)) + dw.detach()).to(x.dtype)
+        dx, d = ctx.stage.backward(g, x, w_eff, need_input=ctx.needs_input_grad[0], need_weight=any(need_f))
+        grads: list[torch.Tensor | None] = [None] * len(flat)
+        inputs = [t for t in leaves if t is not None and t.requires_grad]
+        if d is not None and inputs:
+            got = iter(torch.autograd.grad(dw, inputs, d.to(dw.dtype).view(dw.shape)))
+            grads = [next(got) if t is not None and t.requires_grad else None for t in leaves]
+        return (dx, None, None, None, None, None, *grads)
+
+
+def merged_weight_forward_any(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stage: Stage,
+    adapters: Sequence[tuple[HadaFactors, torch.Tensor | float]],
+    kernel: tuple[int, ...],
+) -> torch.Tensor:
+    """:func:`merged_weight_forward` for adapters ``(factors, S)`` that may be in Tucker form."""
+    flat = [t for f, _ in adapters for t in (f.w1a, f.w1b, f.w2a, f.w2b, f.t1, f.t2)]
+    kinds = tuple((f.tucker, s) for f, s in adapters)
+    if _is_compiling():
+        dw = _summed_delta(flat, kinds, kernel)
+        return stage.forward(x, (weight.to(torch.promote_types(weight.dtype, dw.dtype)) + dw).to(x.dtype), bias)
+    return MergedWeightBuilt.apply(x, weight, bias, stage, kinds, kernel, *flat)

@@ -155,10 +155,13 @@ def merged_weight_applicable(base: torch.nn.Module, x: torch.Tensor, adapters: S
 
     Needs a plain ``nn.Linear`` / ``nn.Conv1d/2d/3d`` (exact type, no hooks, forward not
     patched), zero padding given as numbers, for a conv a batched input, frozen weight and
-    bias in x's dtype, flat (non-Tucker) factors, no autocast, and a recorded gradient.
-    Grouped convolutions qualify (ΔW has the grouped weight's shape).
+    bias in x's dtype, no autocast, and a recorded gradient. Grouped convolutions and Tucker
+    factors on convs qualify (ΔW has the grouped weight's shape; Tucker adapters go through
+    :class:`MergedWeightBuilt`).
     """
-    if type(base) not in _MERGEABLE or not adapters or any(f.tucker for f in adapters):
+    if type(base) not in _MERGEABLE or not adapters:
+        return False
+    if type(base) is torch.nn.Linear and any(f.tucker for f in adapters):
         return False
     if not torch.is_grad_enabled() or _autocast_on(x.device.type):
         return False
