@@ -662,8 +662,13 @@ class LoHaModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / max(total, 1):.4f}")
 
-    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """The adapter's tensors keyed ``<module path>.hada_w1_a`` (and modules_to_save copies)."""
+    def adapter_state_dict(self, adapter_name: str | None = None, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+        """The adapter's tensors keyed ``<module path>.hada_w1_a`` (and modules_to_save copies).
+
+        With ``keep_vars`` the modules_to_save entries are their live parameters (as
+        ``nn.Module.state_dict(keep_vars=True)``), not detached tensors; the LoHa factors are
+        always the live parameters.
+        """
         adapter_name = adapter_name or self.active_adapters[0]
         out: dict[str, torch.Tensor] = {}
         for key, layer in self.loha_layers():
@@ -673,7 +678,7 @@ class LoHaModel(nn.Module):
                     out[f"{key}.{pname}"] = d[adapter_name]
         for key, w in self._wrappers():
             if adapter_name in w.modules_to_save:
-                for n, t in w.modules_to_save[adapter_name].state_dict().items():
+                for n, t in w.modules_to_save[adapter_name].state_dict(keep_vars=keep_vars).items():
                     out[f"{key}.{n}"] = t
         return out
 

@@ -40,7 +40,6 @@ from transformers import Trainer
 
 from ..core.config import LoHaConfig, is_peft_loha_config
 from ..core.io import load_state_dict
-from ..core.layers import LoHaLayer
 from ..core.model import LoHaModel, get_peft_model
 from ..formats.peft import ADAPTER_CONFIG_NAME, KEY_PREFIX, SAFETENSORS_WEIGHTS_NAME
 
@@ -67,17 +66,7 @@ def unwrap_loha_model(model: Any) -> LoHaModel | None:
 
 def _live_tensors(model: LoHaModel, adapter_name: str) -> dict[str, torch.Tensor]:
     """PEFT file key -> the live tensor it is saved from (parameters, not copies)."""
-    out: dict[str, torch.Tensor] = {}
-    for path, layer in model.loha_layers():
-        for name in LoHaLayer.adapter_layer_names:
-            params = getattr(layer, name)
-            if adapter_name in params:
-                out[f"{KEY_PREFIX}{path}.{name}"] = params[adapter_name]
-    for path, wrapper in model._wrappers():
-        if adapter_name in wrapper.modules_to_save:
-            for k, t in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
-                out[f"{KEY_PREFIX}{path}.{k}"] = t
-    return out
+    return {f"{KEY_PREFIX}{k}": t for k, t in model.adapter_state_dict(adapter_name, keep_vars=True).items()}
 
 
 def load_adapter_weights(model: LoHaModel, directory: str | os.PathLike, adapter_name: str = "default") -> None:
