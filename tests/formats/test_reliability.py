@@ -451,8 +451,8 @@ def test_pattern_forms_follow_the_target_rules():
     from lohakit.core import targets
 
     names = ["lin1", "a.lin1", "a.xlin1", "model.layers.3.lin2", "conv", "x.conv.y"]
-    keys = ["lin1", r"lin\d", "layers\.3\.lin2", "conv|lin1"]
-    cfg = LoHaConfig(r=2, target_modules=".*lin1", exclude_modules="a\..*", rank_pattern={k: 1 for k in keys})
+    keys = ["lin1", r"lin\d", r"layers\.3\.lin2", "conv|lin1"]
+    cfg = LoHaConfig(r=2, target_modules=".*lin1", exclude_modules=r"a\..*", rank_pattern={k: 1 for k in keys})
     cfg.layers_pattern = "layers"  # (the config wants layers_to_transform too; only the form matters here)
     forms = {label: (form, mode) for label, form, mode in pf._pattern_forms(cfg)}
     for key in keys:
