@@ -9,7 +9,9 @@ from .core.config import LoHaConfig
 from .core.functional import HadaFactors, Geometry, delta_weight
 from .core.layers import LoHaLayer
 from .core.model import LoHaModel, ModulesToSaveWrapper, get_peft_model, inject_adapter_in_model
-from .core.io import LoHaFormatError, load_state_dict, save_state_dict
+from .core.io import (
+    AdapterChangedError, LoHaFormatError, ResourceLimitError, UnreadableFileError, load_state_dict, save_state_dict,
+)
 from .formats import peft as _peft_format  # noqa: F401  registers PEFT's directory format as the adapter store
 
 __version__ = "0.1.0"
@@ -25,6 +27,9 @@ __all__ = [
     "Geometry",
     "delta_weight",
     "LoHaFormatError",
+    "UnreadableFileError",
+    "ResourceLimitError",
+    "AdapterChangedError",
     "load_state_dict",
     "save_state_dict",
     "__version__",
