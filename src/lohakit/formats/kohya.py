@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from ..core import functional as Fn
-from ..core.io import LoHaFormatError
+from ..core.io import LoHaFormatError, tensor_is_finite
 from ..core.functional import Geometry, HadaFactors
 from ..core.layers import ADAPTER_PARAM_NAMES, LoHaLayer, geometry_of
 from .peft import ADAPTER_CONFIG_NAME, KEY_PREFIX, SAFETENSORS_WEIGHTS_NAME, peft_config_dict, write_adapter_dirs
@@ -425,7 +425,7 @@ def _plan_module(
                 f"kohya key {name}.dora_scale: shape {_fmt(m.shape)} does not fit module {path!r}; expected "
                 f"{_fmt(on_out)} (per output channel) or {_fmt(on_in)} (per input channel)"
             )
-        if not torch.isfinite(m).all():
+        if not tensor_is_finite(m):  # (any dtype, float8 included)
             raise LoHaFormatError(f"kohya key {name}.dora_scale: contains NaN or inf")
         planned.dora_scale = m.detach().float()
     return planned
