@@ -40,10 +40,13 @@ import torch
 import torch.nn as nn
 
 from ..core import functional as Fn
-from ..core.io import LoHaFormatError, tensor_is_finite
+from ..core.io import LoHaFormatError, NonFiniteTensorError, tensor_is_finite
 from ..core.functional import Geometry, HadaFactors
 from ..core.layers import ADAPTER_PARAM_NAMES, LoHaLayer, geometry_of
-from .peft import ADAPTER_CONFIG_NAME, KEY_PREFIX, SAFETENSORS_WEIGHTS_NAME, peft_config_dict, write_adapter_dirs
+from .peft import (
+    ADAPTER_CONFIG_NAME, KEY_PREFIX, SAFETENSORS_WEIGHTS_NAME, _deferred_interrupts, _Rollback, peft_config_dict,
+    write_adapter_dirs,
+)
 
 if TYPE_CHECKING:
     from ..core.config import LoHaConfig
@@ -647,40 +650,58 @@ def load_kohya(
     report = KohyaLoadReport(adapter_name=None if merge else adapter_name, merged=merge, metadata=metadata)
     report.unused_keys, report.unmatched_modules = unused, unmatched
     if merge:
-        deltas = []
-        for p in planned:  # compute every ΔW before touching any weight
+        merged = []
+        for p in planned:  # compute every new weight (and check it) before touching any
             module = _unwrap(models[p.prefix]).get_submodule(p.path)
             weight = module.weight
-            if p.dora_scale is not None:
-                delta = _doha_merged(weight, p, multiplier) - weight.detach().float()
-            else:
-                delta = Fn.delta_weight(p.factors, p.geometry, multiplier * p.alpha / p.r)
-            deltas.append((weight, delta.detach().to(device=weight.device, dtype=weight.dtype)))
-        with torch.no_grad():
-            for weight, delta in deltas:
-                weight.add_(delta)
+            with torch.no_grad():
+                if p.dora_scale is not None:
+                    delta = _doha_merged(weight, p, multiplier) - weight.float()
+                else:
+                    delta = Fn.delta_weight(p.factors, p.geometry, multiplier * p.alpha / p.r)
+                new = weight + delta.to(device=weight.device, dtype=weight.dtype)
+            if not tensor_is_finite(new):
+                raise NonFiniteTensorError(
+                    f"kohya module {p.name!r} -> {p.prefix}:{p.path}: merging it (multiplier {multiplier}) would write "
+                    "NaN or inf into the weight; nothing was changed (load it live, merge=False, to inspect it)"
+                )
+            merged.append((weight, new))
+        with _deferred_interrupts(), torch.no_grad():  # Ctrl-C waits until every weight is written
+            for weight, new in merged:
+                weight.copy_(new)
     else:
-        for p in planned:
-            model = _unwrap(models[p.prefix])
-            module = model.get_submodule(p.path)
-            layer = _wrap(model, p.path, module)
-            device = layer.base_layer.weight.device
-            layer.update_layer(adapter_name, r=p.r, alpha=p.alpha, init_weights=True,
-                               use_effective_conv2d=p.tucker, device="meta")
-            for pname, t in zip(ADAPTER_PARAM_NAMES, p.factors):
-                if t is None:
-                    continue
-                target_shape = getattr(layer, pname)[adapter_name].shape
-                getattr(layer, pname)[adapter_name] = nn.Parameter(t.reshape(target_shape).to(device).contiguous())
-            layer.scaling[adapter_name] = multiplier * p.alpha / p.r
-            keep = [a for a in layer.active_adapters if a in layer.hada_w1_a and a != adapter_name]
-            trainable = getattr(layer, "_trainable", True) if keep else False
-            layer.set_adapter([*keep, adapter_name], trainable=trainable)
-            if layer is not module:
-                _install(model, p.path, layer)
-        _register_in_loha_models(models, planned, adapter_name)
+        rollbacks = [_Rollback(m) for m in models.values()]  # any exception, Ctrl-C included: put it all back
+        try:
+            _apply_live(planned, models, adapter_name, multiplier)
+        except BaseException:
+            for rb in rollbacks:
+                rb.restore()
+            raise
     report.matched = _matched(planned)
     return report
+
+
+def _apply_live(planned: list[_Planned], models: Mapping[str, nn.Module], adapter_name: str, multiplier: float) -> None:
+    """Install the planned modules as live LoHa layers of adapter ``adapter_name`` (no checks left to do)."""
+    for p in planned:
+        model = _unwrap(models[p.prefix])
+        module = model.get_submodule(p.path)
+        layer = _wrap(model, p.path, module)
+        device = layer.base_layer.weight.device
+        layer.update_layer(adapter_name, r=p.r, alpha=p.alpha, init_weights=True,
+                           use_effective_conv2d=p.tucker, device="meta")
+        for pname, t in zip(ADAPTER_PARAM_NAMES, p.factors):
+            if t is None:
+                continue
+            target_shape = getattr(layer, pname)[adapter_name].shape
+            getattr(layer, pname)[adapter_name] = nn.Parameter(t.reshape(target_shape).to(device).contiguous())
+        layer.scaling[adapter_name] = multiplier * p.alpha / p.r
+        keep = [a for a in layer.active_adapters if a in layer.hada_w1_a and a != adapter_name]
+        trainable = getattr(layer, "_trainable", True) if keep else False
+        layer.set_adapter([*keep, adapter_name], trainable=trainable)
+        if layer is not module:
+            _install(model, p.path, layer)
+    _register_in_loha_models(models, planned, adapter_name)
 
 
 def _matched(planned: list[_Planned]) -> dict[str, str]:

@@ -849,7 +849,9 @@ class _Rollback:
                 for k, v in attrs.items():
                     if k in copies:
                         saved = copies[k]
-                        if isinstance(v, list):
+                        if _same_content(v, saved):  # untouched (and perhaps immutable: diffusers' FrozenDict)
+                            pass
+                        elif isinstance(v, list):
                             v[:] = saved
                         else:
                             v.clear()
@@ -857,6 +859,17 @@ class _Rollback:
                     m.__dict__[k] = v
             for p, flag in self.flags:
                 p.requires_grad_(flag)
+
+
+def _same_content(now: Any, saved: Any) -> bool:
+    """Whether a container still holds exactly the saved entries (compared by identity)."""
+    if len(now) != len(saved):
+        return False
+    if isinstance(now, list):
+        return all(a is b for a, b in zip(now, saved))
+    if isinstance(now, set):
+        return now == saved
+    return all(k in now and now[k] is v for k, v in saved.items())
 
 
 @contextlib.contextmanager
