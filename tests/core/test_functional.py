@@ -262,3 +262,22 @@ def test_lora_factors_and_frobenius_norm_are_exact_float64(name, build, shape, t
     assert b.shape == (geom.out_features, 6) and a.shape == (6, geom.flat_in)
     torch.testing.assert_close((b @ a).reshape(dw.shape), dw, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(Fn.frobenius_norm(f, 0.8), dw.norm(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("tucker", [False, True], ids=["flat", "tucker"])
+def test_frobenius_norm_of_a_huge_rank_on_a_tiny_layer_is_exact_and_small(tucker):
+    """r = 300 on a 2x3 layer: the Gram form would need (r²)² = 8.1e9 values; ΔW has 6 (or 6·k)."""
+    g = torch.Generator().manual_seed(0)
+    r, out, cin = 300, 2, 3
+    if tucker:
+        f = Fn.HadaFactors(torch.randn(r, out, generator=g, dtype=D), torch.randn(r, cin, generator=g, dtype=D),
+                           torch.randn(r, out, generator=g, dtype=D), torch.randn(r, cin, generator=g, dtype=D),
+                           torch.randn(r, r, 2, 2, generator=g, dtype=D), torch.randn(r, r, 2, 2, generator=g, dtype=D))
+        w1 = torch.einsum("pqhw,po,qc->ochw", f.t1, f.w1a, f.w1b)
+        w2 = torch.einsum("pqhw,po,qc->ochw", f.t2, f.w2a, f.w2b)
+    else:
+        f = Fn.HadaFactors(torch.randn(out, r, generator=g, dtype=D), torch.randn(r, cin, generator=g, dtype=D),
+                           torch.randn(out, r, generator=g, dtype=D), torch.randn(r, cin, generator=g, dtype=D))
+        w1, w2 = f.w1a @ f.w1b, f.w2a @ f.w2b
+    expected = (w1 * w2 * 0.3).norm()
+    torch.testing.assert_close(Fn.frobenius_norm(f, -0.3), expected, rtol=1e-12, atol=1e-12)

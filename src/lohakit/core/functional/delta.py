@@ -10,6 +10,8 @@ factored paths use; :func:`lora_factors` gives the exact rank-R LoRA of a LoHa.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -107,10 +109,29 @@ def lora_factors(factors: HadaFactors, scale: float) -> tuple[torch.Tensor, torc
 
 
 def frobenius_norm(factors: HadaFactors, scale: float) -> torch.Tensor:
-    """‖ΔW‖_F through the factored form: ‖B A‖_F² = trace((BᵀB)(AAᵀ)), two r²×r² Gram matrices."""
-    b, a = lora_factors(factors, scale)
-    sq = ((b.T @ b) * (a @ a.T)).sum()  # both Gram matrices are symmetric
-    return sq.clamp_min(0).sqrt()
+    """‖ΔW‖_F, by whichever form needs less memory.
+
+    Factored: ‖B A‖_F² = trace((BᵀB)(AAᵀ)) with the exact LoRA (B ``(out, R)``, A ``(R, in·K)``,
+    R = r1·r2) and two R×R Gram matrices, R·(R + out + in·K) values. Materialised: ΔW itself,
+    out·in·K values. The factored form is taken only where it is no larger (up to a factor 4),
+    so the memory is bounded by the factors' and ΔW's sizes, never by r⁴.
+    """
+    f = factors
+    r1, r2 = f.ranks
+    R = r1 * r2
+    if f.tucker:
+        out, cols = f.w1a.shape[1], f.w1b.shape[1] * math.prod(f.t1.shape[2:])
+    else:
+        out, cols = f.w1a.shape[0], f.w1b.shape[1]
+    if R * (R + out + cols) <= 4 * out * cols:
+        b, a = lora_factors(f, scale)
+        sq = ((b.T @ b) * (a @ a.T)).sum()  # both Gram matrices are symmetric
+        return sq.clamp_min(0).sqrt()
+    if f.tucker:
+        dw = _tucker_branch(f.t1, f.w1a, f.w1b) * _tucker_branch(f.t2, f.w2a, f.w2b)  # (out, in, *k)
+    else:
+        dw = (f.w1a @ f.w1b) * (f.w2a @ f.w2b)  # (out, in·K)
+    return dw.norm() * abs(scale)
 
 
 class HadaWeight(torch.autograd.Function):
