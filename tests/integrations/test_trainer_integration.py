@@ -22,13 +22,13 @@ from lohakit.formats import peft as pf
 VOCAB = 48
 
 
-def tiny_llama() -> nn.Module:
+def tiny_llama(tie_word_embeddings: bool = False) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(4321)
     return LlamaForCausalLM(
         LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                    num_key_value_heads=1, max_position_embeddings=16, tie_word_embeddings=False)
+                    num_key_value_heads=1, max_position_embeddings=16, tie_word_embeddings=tie_word_embeddings)
     ).eval()
 
 
@@ -53,13 +53,7 @@ CONFIG = dict(r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], ra
 
 
 def tied_llama() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(4321)
-    return LlamaForCausalLM(
-        LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                    num_key_value_heads=1, max_position_embeddings=16, tie_word_embeddings=True)
-    ).eval()
+    return tiny_llama(tie_word_embeddings=True)
 
 
 def hf_dataset(n: int = 16):
