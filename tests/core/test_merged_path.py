@@ -279,7 +279,7 @@ def test_merged_built_node_gradcheck_with_a_flat_and_a_tucker_adapter() -> None:
         it = iter(ts)
         a = Fn.HadaFactors(*(next(it) if t is not None else None for t in ft))
         b = Fn.HadaFactors(*(next(it) if t is not None else None for t in ff))
-        return Fn.merged_weight_forward_any(x, layer.base_layer.weight, layer.base_layer.bias, stage,
+        return Fn.merged_weight_forward(x, layer.base_layer.weight, layer.base_layer.bias, stage,
                                             [(a, rows), (b, 0.7)], geom.kernel_size)
 
     assert torch.autograd.gradcheck(f, (x, *leaves))

@@ -448,10 +448,7 @@ class LoHaLayer(nn.Module):
                 self._check_loaded(name, factors, x)
                 scaled.append((factors, Fn.output_scale(self.scaling[name], mask, factors)))
             stage = Fn.Stage(geom.ndim, geom.stride, geom.padding, geom.dilation, geom.groups)
-            if any(f.tucker for f in all_factors):
-                return Fn.merged_weight_forward_any(x, base.weight, base.bias, stage, scaled, geom.kernel_size)
-            adapters = [(*f[:4], s) for f, s in scaled]
-            return Fn.merged_weight_forward(x, base.weight, base.bias, stage, adapters)
+            return Fn.merged_weight_forward(x, base.weight, base.bias, stage, scaled, geom.kernel_size)
         if len(running) != 1 or path != "factored" or Fn._is_compiling():
             return None
         (name, mask), factors = running[0], all_factors[0]

@@ -43,7 +43,7 @@ from .delta import (
     delta_weight,
 )
 from .conv import Stage, StageChain, apply_stages, factored_stages, apply_delta_weight
-from .autograd import FactoredLinear, FactoredLinearFused, FactoredConvFused, MergedWeightFused, MergedWeightBuilt, merged_weight_forward, merged_weight_forward_any
+from .autograd import FactoredLinear, FactoredLinearFused, FactoredConvFused, MergedWeightFused, MergedWeightBuilt, merged_weight_forward
 from .cost import (
     FACTORED_COST_BIAS,
     ELEMENTWISE_COST,
@@ -85,7 +85,6 @@ __all__ = [
     "MergedWeightFused",
     "merged_weight_forward",
     "MergedWeightBuilt",
-    "merged_weight_forward_any",
     "COMPUTE_PATHS",
     "FACTORED_COST_BIAS",
     "ELEMENTWISE_COST",

@@ -441,24 +441,6 @@ class MergedWeightFused(torch.autograd.Function):
         return (dx, None, None, None, None, *grads)
 
 
-def merged_weight_forward(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    stage: Stage,
-    adapters: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | float]],
-) -> torch.Tensor:
-    """The base layer on ``W + ΣΔW`` for flat adapters ``(w1a, w1b, w2a, w2b, S)``, differentiable.
-
-    Through :class:`MergedWeightFused` (saves ``x`` only); while ``torch.compile`` traces, the
-    same formula from plain ops (AOT autograd plans what to save and recompute itself).
-    """
-    if _is_compiling():
-        w_eff, _ = _merged_weight(weight, adapters, x.dtype)
-        return stage.forward(x, w_eff, bias)
-    return MergedWeightFused.apply(x, weight, bias, stage, len(adapters), *(t for a in adapters for t in a))
-
-
 def _summed_delta(
     flat: Sequence[torch.Tensor | None], kinds: Sequence[tuple[bool, torch.Tensor | float]], kernel: tuple[int, ...]
 ) -> torch.Tensor:
@@ -483,7 +465,8 @@ def _summed_delta(
 
 
 class MergedWeightBuilt(torch.autograd.Function):
-    """:class:`MergedWeightFused` for any mix of flat and Tucker adapters on a frozen ConvNd.
+    """:class:`MergedWeightFused` for any mix of flat and Tucker adapters on a frozen ConvNd
+    (reached through :func:`merged_weight_forward`).
 
     Same step (forward and dL/dx on ``W + ΣΔW``, ∂L/∂ΔW = Gᵀx the one extra GEMM), with ΔW built
     by :func:`_summed_delta` and its factor gradients taken by autograd through that build,
@@ -495,7 +478,7 @@ class MergedWeightBuilt(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stage, kinds, kernel, *flat):  # type: ignore[override]
         dw = _summed_delta(flat, kinds, kernel)  # (out, in/g, *k)
-        w_eff = (weight.to(torch.promote_types(weight.dtype, dw.dtype)) + dw).to(x.dtype)
+        w_eff = _plus_delta(weight, dw, x.dtype)
         ctx.stage, ctx.kinds, ctx.kernel = stage, kinds, kernel
         ctx.present = [t is not None for t in flat]
         ctx.save_for_backward(x, weight, *(t for t in flat if t is not None))
@@ -511,7 +494,7 @@ class MergedWeightBuilt(torch.autograd.Function):
         with torch.enable_grad():
             leaves = [None if t is None else t.detach().requires_grad_(n) for t, n in zip(flat, need_f)]
             dw = _summed_delta(leaves, ctx.kinds, ctx.kernel)  # (out, in/g, *k)
-        w_eff = (weight.to(torch.promote_types(weight.dtype, dw.dtype)) + dw.detach()).to(x.dtype)
+        w_eff = _plus_delta(weight, dw.detach(), x.dtype)
         dx, d = ctx.stage.backward(g, x, w_eff, need_input=ctx.needs_input_grad[0], need_weight=any(need_f))
         grads: list[torch.Tensor | None] = [None] * len(flat)
         inputs = [t for t in leaves if t is not None and t.requires_grad]
@@ -521,7 +504,7 @@ class MergedWeightBuilt(torch.autograd.Function):
         return (dx, None, None, None, None, None, *grads)
 
 
-def merged_weight_forward_any(
+def merged_weight_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -529,10 +512,21 @@ def merged_weight_forward_any(
     adapters: Sequence[tuple[HadaFactors, torch.Tensor | float]],
     kernel: tuple[int, ...],
 ) -> torch.Tensor:
-    """:func:`merged_weight_forward` for adapters ``(factors, S)`` that may be in Tucker form."""
+    """The base layer on ``W + ΣΔW`` for adapters ``(factors, S)``, differentiable; saves ``x`` only.
+
+    Flat adapters go through :class:`MergedWeightFused` (explicit product-rule backward, buffers
+    reused); any Tucker adapter through :class:`MergedWeightBuilt`. While ``torch.compile``
+    traces, the same formula from plain ops (AOT autograd plans what to save and recompute).
+    """
     flat = [t for f, _ in adapters for t in (f.w1a, f.w1b, f.w2a, f.w2b, f.t1, f.t2)]
     kinds = tuple((f.tucker, s) for f, s in adapters)
     if _is_compiling():
-        dw = _summed_delta(flat, kinds, kernel)
-        return stage.forward(x, (weight.to(torch.promote_types(weight.dtype, dw.dtype)) + dw).to(x.dtype), bias)
-    return MergedWeightBuilt.apply(x, weight, bias, stage, kinds, kernel, *flat)
+        return stage.forward(x, _plus_delta(weight, _summed_delta(flat, kinds, kernel), x.dtype), bias)
+    if any(tucker for tucker, _ in kinds):
+        return MergedWeightBuilt.apply(x, weight, bias, stage, kinds, kernel, *flat)
+    return MergedWeightFused.apply(x, weight, bias, stage, len(adapters), *(t for f, sc in adapters for t in (*f[:4], sc)))
+
+
+def _plus_delta(weight: torch.Tensor, dw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``W + ΔW`` summed in the wider of the two dtypes, cast once to ``dtype``."""
+    return (weight.to(torch.promote_types(weight.dtype, dw.dtype)) + dw).to(dtype)
