@@ -1,4 +1,4 @@
-"""``python -m bench {linear,llama,conv,infer,memory,calibrate,all} [--quick] [--threads N]``."""
+"""``python -m bench {linear,llama,conv,infer,memory,diffusion,calibrate,all} [--quick] [--threads N]``."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import time
 
 import torch
 
-SUITES = ("linear", "llama", "conv", "infer", "memory", "calibrate")
+SUITES = ("linear", "llama", "conv", "infer", "memory", "diffusion", "calibrate")
 
 
 def _run_suite(name: str, quick: bool, device: str, ranks: tuple[int, ...] | None = None,
                variants: tuple[str, ...] | None = None) -> list[dict]:
-    """One suite's rows; ``ranks`` (llama, conv, calibrate) and ``variants`` (llama, linear, conv) narrow it."""
+    """One suite's rows; ``ranks`` (llama, conv, diffusion, calibrate) and ``variants`` (llama, linear, conv,
+    diffusion) narrow it."""
     if name == "linear":
         from .layers import run_linear
 
@@ -36,6 +37,10 @@ def _run_suite(name: str, quick: bool, device: str, ranks: tuple[int, ...] | Non
         from .memory import run_merge_load, run_peak
 
         return run_peak(quick, device, ranks=ranks) + run_merge_load(quick, device)
+    if name == "diffusion":
+        from .diffusion import run
+
+        return run(quick, device, ranks=ranks, variants=variants)
     if name == "calibrate":
         from .calibrate import run
 
@@ -54,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"))
     p.add_argument("--no-write", action="store_true", help="print the tables only")
     p.add_argument("--ranks", type=lambda v: tuple(int(x) for x in v.split(",")), default=None,
-                   help="comma-separated ranks for llama, conv, memory and calibrate (default: each suite's sweep)")
+                   help="comma-separated ranks for llama, conv, memory, diffusion and calibrate (default: each suite's sweep)")
     p.add_argument("--variants", type=lambda v: tuple(v.split(",")), default=None,
-                   help="comma-separated variants for llama, linear and conv (floor is always added)")
+                   help="comma-separated variants for llama, linear, conv and diffusion (floor is always added)")
     p.add_argument("--note", action="append", default=[], help="a line to add to RESULTS.md (repeatable)")
     p.add_argument("--merge", action="store_true",
                    help="keep the other suites' rows from the existing RESULTS.json (re-run only some suites)")

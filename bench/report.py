@@ -50,6 +50,16 @@ def table(rows: list[dict]) -> str:
                 miss = "" if r["ratio"] <= 1.03 else " (miss)"
                 out.append(f"| {r['case']} | {_fmt_ms(r['ms_factored'])} | {_fmt_ms(r['ms_merged'])} | "
                            f"{_fmt_ms(r['ms_materialised'])} | {r['best']} | {r['pick']}{miss} | {r['ratio']:.2f} |")
+        elif suite == "diffusion":
+            out.append("| case | variant | step ms | × floor | × PEFT LoHa | × LyCORIS | peak MiB | peak × floor | step MiB |")
+            out.append("|---|---|---|---|---|---|---|---|---|")
+            for r in rs:
+                peft, lyc = cell.get((r["case"], "peft_loha")), cell.get((r["case"], "lycoris_loha"))
+                vs = [f"{r['ms'] / x['ms']:.2f}×" if x else "–" for x in (peft, lyc)]
+                mem = ([f"{r['peak_mb']:.0f}", f"{r['mem_ratio']:.2f}×", f"{r['step_mb']:.0f}"] if "peak_mb" in r
+                       else ["–"] * 3)
+                out.append(f"| {r['case']} | {r['variant']} | {_fmt_ms(r['ms'])} | {r['ratio']:.2f}× | "
+                           + " | ".join(vs + mem) + " |")
         elif suite == "merge_load":
             out.append("| case | " + " | ".join(variants) + " |")
             out.append("|---|" + "---|" * len(variants))
@@ -110,6 +120,15 @@ def targets(rows: list[dict]) -> str:
         add(f"llama {case} step: lohakit / LyCORIS", lk, _get(rows, "llama", case, "lycoris_loha"), 0.5)
     add("conv 3x3 320ch 32² flat r=32: lohakit / PEFT LoHa", _get(rows, "conv", "320ch 32² flat r=32", "lohakit"),
         _get(rows, "conv", "320ch 32² flat r=32", "peft_loha"), 0.6)
+    # diffusion suite (SD1 UNet stack with convs, FLUX DiT stack): the r = 8 goals
+    for r in rows:
+        if r["suite"] != "diffusion" or r["variant"] != "lohakit" or not r["case"].endswith(" r=8"):
+            continue
+        c = r["case"]
+        stack = c.split(" ", 1)[0]
+        rank = c.rsplit(" ", 1)[-1]
+        for other, goal in (("floor", 1.20), ("peft_loha", 0.5), ("lycoris_loha", 0.6)):
+            add(f"diffusion {stack} {rank} step: lohakit / {other}", r, _get(rows, "diffusion", c, other), goal)
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -122,7 +141,7 @@ def bar_chart(rows: list[dict], path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    timed = [r for r in rows if r["suite"] in ("linear", "llama", "conv", "infer") and "ms" in r]
+    timed = [r for r in rows if r["suite"] in ("linear", "llama", "conv", "infer", "diffusion") and "ms" in r]
     if not timed:
         return False
     groups = list(OrderedDict.fromkeys(f"{r['suite']}\n{r['case']}" for r in timed))

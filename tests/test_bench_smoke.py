@@ -60,3 +60,28 @@ def test_layer_bench_rows_for_every_variant() -> None:
     rows = _bench(base, torch.randn(16, 32), "tiny", "linear", 4, False, variants, 1, "cpu")
     assert [r["variant"] for r in rows] == list(variants)
     assert all(r["ms"] > 0 and r["ratio"] > 0 for r in rows)
+
+
+def test_diffusion_suite_rows_and_report() -> None:
+    """``python -m bench diffusion`` at tiny shapes: SD1 (convs included) and FLUX stacks, every variant."""
+    pytest.importorskip("peft")
+    pytest.importorskip("diffusers")
+    from bench.diffusion import DIFFUSION_VARIANTS, run
+    from bench.report import table, targets
+
+    rows = run(True, "cpu", ranks=(4,), reps=1, size="tiny", memory=False)
+    want = V.available_variants("cpu", DIFFUSION_VARIANTS)
+    assert [r["variant"] for r in rows] == list(want) * 2
+    assert all(r["ms"] > 0 and r["ratio"] > 0 for r in rows)
+    assert "### diffusion" in table(rows)
+    rows8 = [dict(r, case=r["case"].replace("r=4", "r=8")) for r in rows]
+    assert "diffusion SD1 r=8 step: lohakit / peft_loha" in targets(rows8)
+
+
+def test_diffusion_memory_worker() -> None:
+    """The peak-memory worker (run in-process here; the suite runs it in a fresh process per variant)."""
+    pytest.importorskip("diffusers")
+    from bench.diffusion import worker
+
+    got = worker("flux", "tiny", "lohakit", 4, "cpu", 1)
+    assert got["peak_mb"] > 0 and got["before_mb"] >= 0
