@@ -51,10 +51,6 @@ def cap(path: Path, text: str, ext: str = ".txt") -> None:
     path.with_suffix(ext).write_text(text, encoding="utf-8")
 
 
-def no_warnings():
-    return warnings.catch_warnings(record=True)
-
-
 # ------------------------------------------------------------------------------------------
 # Layouts
 # ------------------------------------------------------------------------------------------
@@ -160,7 +156,11 @@ def _half_captioned(root: Path) -> None:
 
 @pytest.mark.parametrize(
     "mode, expected, n_warnings",
-    [("warn", ["has caption", "", "", ""], 1), ("empty", ["has caption", "", "", ""], 0), ("folder", ["has caption", "dog", "dog", "dog"], 0)],
+    [
+        ("warn", ["has caption", "", "", ""], 1),
+        ("empty", ["has caption", "", "", ""], 0),
+        ("folder", ["has caption", "dog", "dog", "dog"], 0),
+    ],
 )
 def test_missing_caption_modes(tmp_path: Path, mode: str, expected: list[str], n_warnings: int) -> None:
     _half_captioned(tmp_path)
@@ -254,6 +254,23 @@ def test_fifo_is_not_opened(tmp_path: Path) -> None:
     assert [i.path.name for i in items] == ["a.png"]
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/null") or not hasattr(os, "mkfifo"), reason="needs /dev/null and mkfifo")
+def test_device_symlink_and_fifo_caption(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    cap(img(root / "a.png"), "a")
+    os.symlink("/dev/null", root / "dev.png")
+    with pytest.raises(ImageDataError, match=r"dev\.png' is not a regular file"):
+        scan_images(root)
+    (root / "dev.png").unlink()
+    os.symlink(root / "a.png", root / "link.png")  # a symlink to a regular file is fine
+    cap(root / "link.png", "l")
+    assert [i.path.name for i in scan_images(root)[0]] == ["a.png", "link.png"]
+    img(root / "b.png")
+    os.mkfifo(root / "b.txt")
+    with pytest.raises(ImageDataError, match=r"caption '.*b\.txt' is not a regular file"):
+        scan_images(root)
+
+
 @pytest.mark.parametrize(
     "setup, match",
     [
@@ -283,7 +300,8 @@ def test_error_is_value_error_one_line(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "resolution, factor, step, max_aspect",
-    [(512, 8, None, 2.0), (512, 8, 64, 2.0), (1024, 16, 64, 2.0), (1024, 8, 32, 3.0), (256, 16, None, 1.5), (64, 8, None, 4.0), (8, 8, None, 2.0)],
+    [(512, 8, None, 2.0), (512, 8, 64, 2.0), (1024, 16, 64, 2.0), (1024, 8, 32, 3.0),
+     (256, 16, None, 1.5), (64, 8, None, 4.0), (8, 8, None, 2.0)],
 )
 def test_bucket_properties(resolution: int, factor: int, step: int | None, max_aspect: float) -> None:
     buckets = make_buckets(resolution, factor, step=step, max_aspect=max_aspect)
@@ -466,7 +484,8 @@ def test_batches_pure_and_resumable() -> None:
         assert a.batch(step, 1, 2, 4, 0, 1) == ImageBatches(items, BUCKETS, seed=7).batch(step, 1, 2, 4, 0, 1)
     # queried in reverse order on a used object: the same
     assert [b.batch(s, 0, 2, 4, 0, 1) for s in reversed(range(30))] == [a.batch(s, 0, 2, 4, 0, 1) for s in reversed(range(30))]
-    assert [ImageBatches(items, BUCKETS, seed=8).batch(s, 0, 1, 4, 0, 1) for s in range(10)] != [a.batch(s, 0, 1, 4, 0, 1) for s in range(10)]
+    other = ImageBatches(items, BUCKETS, seed=8)
+    assert [other.batch(s, 0, 1, 4, 0, 1) for s in range(10)] != [a.batch(s, 0, 1, 4, 0, 1) for s in range(10)]
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -529,7 +548,8 @@ def test_flip_and_caption_rng_pure() -> None:
     items = make_items(SPEC)
     bt = ImageBatches(items, BUCKETS, seed=5, random_flip=True)
     flips = [bt.flip_for(s, m, p) for s in range(20) for m in range(2) for p in range(4)]
-    assert flips == [ImageBatches(items, BUCKETS, seed=5, random_flip=True).flip_for(s, m, p) for s in range(20) for m in range(2) for p in range(4)]
+    fresh = ImageBatches(items, BUCKETS, seed=5, random_flip=True)
+    assert flips == [fresh.flip_for(s, m, p) for s in range(20) for m in range(2) for p in range(4)]
     assert 40 < sum(flips) < 120
     assert not any(ImageBatches(items, BUCKETS, seed=5).flip_for(s, 0, 0) for s in range(20))
     r1, r2 = bt.caption_rng(3, 1, 2), ImageBatches(items, BUCKETS, seed=5).caption_rng(3, 1, 2)

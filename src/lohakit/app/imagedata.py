@@ -42,7 +42,6 @@ import random
 import re
 import stat
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -282,8 +281,9 @@ def scan_images(
         text_field: The caption field of ``metadata.jsonl`` lines.
 
     Returns:
-        ``(items, report)``: items sorted by path (repeat folders by folder name, then file name;
-        metadata layout in file order is *not* kept: sorted by path too).
+        ``(items, report)``: items sorted by path in every layout (repeat folders by folder name,
+        then file name; ``metadata.jsonl`` order is not kept), so the order never depends on the
+        file system's listing order.
 
     Raises:
         ImageDataError: The root is missing or not a folder; no images; a bad image (unless
