@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from .patterns import check_patterns
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["LoHaConfig", "is_peft_loha_config"]
@@ -145,6 +147,8 @@ class LoHaConfig:
                 raise ValueError(f"LoHaConfig.alpha_pattern[{key!r}] must be a positive number, got {v!r}")
         if not isinstance(self.rank_dropout_scale, bool):
             raise ValueError(f"LoHaConfig.rank_dropout_scale must be a bool, got {self.rank_dropout_scale!r}")
+        # every regex compiles in the form the target rules build and matches in bounded time
+        check_patterns(self, "LoHaConfig")
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
