@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from .config import LoHaConfig
 
@@ -71,8 +72,55 @@ DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
 }
 
 
-def _name_in(key: str, names: Iterable[str]) -> bool:
-    return any(key == n or key.endswith("." + n) for n in names)
+#: Where a config keeps what the rules below derive from it (name sets, compiled regexes).
+_CACHE_ATTR = "_lohakit_match_cache"
+
+
+def _derived(config: LoHaConfig, slot: str, value: Any, build: Callable[[Any], Any]) -> Any:
+    """``build(value)``, computed once per config and field value (PEFT's rules, precompiled).
+
+    Kept on the config (not a dataclass field: never saved, compared or copied into files)
+    and rebuilt when the field is reassigned or a list/dict changes length or keys.
+    """
+    cache = config.__dict__.get(_CACHE_ATTR)
+    if cache is None:
+        cache = config.__dict__[_CACHE_ATTR] = {}
+    if isinstance(value, dict):
+        signature: Any = tuple(value)
+    elif isinstance(value, (list, set, tuple)):
+        signature = len(value)
+    else:
+        signature = value
+    hit = cache.get(slot)
+    if hit is not None and hit[0] is value and hit[1] == signature:
+        return hit[2]
+    made = build(value)
+    cache[slot] = (value, signature, made)
+    return made
+
+
+def _dotted_suffixes(key: str) -> Iterator[str]:
+    """``key`` and every part of it after a dot: ``a.b.c`` -> ``a.b.c``, ``b.c``, ``c``."""
+    yield key
+    i = key.find(".")
+    while i != -1:
+        yield key[i + 1:]
+        i = key.find(".", i + 1)
+
+
+def _name_in(key: str, names: Iterable[str] | frozenset[str]) -> bool:
+    """``key`` is one of ``names`` or ends with ``"." + name``: a set lookup per dotted suffix of
+    ``key`` (O(depth of key), whatever the number of names)."""
+    name_set = names if isinstance(names, (set, frozenset)) else frozenset(names)
+    return any(s in name_set for s in _dotted_suffixes(key))
+
+
+def _names(config: LoHaConfig, field_name: str) -> frozenset[str]:
+    return _derived(config, field_name, getattr(config, field_name), frozenset)
+
+
+def _regex(config: LoHaConfig, field_name: str) -> "re.Pattern[str]":
+    return _derived(config, field_name + ":re", getattr(config, field_name), re.compile)
 
 
 def is_excluded(config: LoHaConfig, key: str) -> bool:
@@ -81,24 +129,38 @@ def is_excluded(config: LoHaConfig, key: str) -> bool:
     if not ex:
         return False
     if isinstance(ex, str):
-        return re.fullmatch(ex, key) is not None
-    return _name_in(key, ex)
+        return _regex(config, "exclude_modules").fullmatch(key) is not None
+    return _name_in(key, _names(config, "exclude_modules"))
 
 
 def is_under_modules_to_save(config: LoHaConfig, key: str) -> bool:
     """Adapters never go inside a module that is trained as a full copy."""
-    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", key) for m in config.modules_to_save or [])
+    mts = config.modules_to_save
+    if not mts:
+        return False
+    # a dotted prefix of ``key`` that ends with an entry: (^|.*\.)<m>($|\..*) for each entry m
+    names = _names(config, "modules_to_save")
+    parts = key.split(".")
+    return any(".".join(parts[i:j]) in names for j in range(1, len(parts) + 1) for i in range(j))
+
+
+_DEFAULT_LAYER_RX = re.compile(r".*?\.[^.]*\.(\d+)\.")
+
+
+@functools.lru_cache(maxsize=256)
+def _layer_regex(pattern: str) -> "re.Pattern[str]":
+    return re.compile(rf"(?:^|.*?\.){pattern}\.(\d+)\.")
 
 
 def layer_index(key: str, layers_pattern: Sequence[str] | str | None) -> int | None:
     """The first layer index in a module path (``model.layers.3.mlp`` -> 3), as PEFT finds it."""
     if not layers_pattern:
-        m = re.match(r".*?\.[^.]*\.(\d+)\.", key)
+        m = _DEFAULT_LAYER_RX.match(key)
     else:
         patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
         m = None
         for p in patterns:
-            m = re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", key)
+            m = _layer_regex(p).match(key)
             if m:
                 break
     return int(m.group(1)) if m else None
@@ -119,12 +181,13 @@ def matches_target(config: LoHaConfig, key: str, linear_candidate: bool = False)
     if tm == "all-linear":
         return linear_candidate
     if isinstance(tm, str):
-        return re.fullmatch(tm, key) is not None
-    if key in tm:
+        return _regex(config, "target_modules").fullmatch(key) is not None
+    names = _names(config, "target_modules")
+    if key in names:
         # A full path named directly is adapted whatever layers_to_transform says (PEFT's rule;
         # PEFT saves "all-linear" expanded to full paths, so its files rely on it).
         return True
-    if not _name_in(key, tm):
+    if not _name_in(key, names):
         return False
     lt = config.layers_to_transform
     if lt is None or lt == []:
@@ -135,18 +198,34 @@ def matches_target(config: LoHaConfig, key: str, linear_candidate: bool = False)
     return idx == lt if isinstance(lt, int) else idx in lt
 
 
+@functools.lru_cache(maxsize=4096)
+def _suffix_regex(pattern: str) -> "re.Pattern[str]":
+    return re.compile(rf"(.*\.)?({pattern})$")
+
+
 def pattern_key(patterns: Iterable[str], key: str) -> str | None:
     """The first pattern that matches the end of ``key`` at a dot boundary (PEFT's rule)."""
     for p in patterns:
-        if re.match(rf"(.*\.)?({p})$", key):
+        if _suffix_regex(p).match(key):
             return p
     return None
 
 
+def _first_key(compiled: Sequence[tuple[str, "re.Pattern[str]"]], key: str) -> str | None:
+    for p, rx in compiled:
+        if rx.match(key):
+            return p
+    return None
+
+
+def _compiled_keys(patterns: dict[str, Any]) -> list[tuple[str, "re.Pattern[str]"]]:
+    return [(p, _suffix_regex(p)) for p in patterns]
+
+
 def rank_and_alpha(config: LoHaConfig, key: str) -> tuple[int, float]:
     """Rank and alpha for module ``key``: rank_pattern / alpha_pattern overrides, else the defaults."""
-    rk = pattern_key(config.rank_pattern, key)
-    ak = pattern_key(config.alpha_pattern, key)
+    rk = _first_key(_derived(config, "rank_pattern", config.rank_pattern, _compiled_keys), key)
+    ak = _first_key(_derived(config, "alpha_pattern", config.alpha_pattern, _compiled_keys), key)
     r = config.rank_pattern[rk] if rk is not None else config.r
     alpha = config.alpha_pattern[ak] if ak is not None else config.alpha
     return r, alpha
