@@ -98,11 +98,12 @@ FLUX.1 (``FluxPipeline``; ``examples/dreambooth/train_dreambooth_lora_flux.py``)
     passed raw, e.g. 3.5, and scaled by 1000 inside). ``guidance = full((B,), guidance_scale)`` iff
     ``transformer.config.guidance_embeds`` (FLUX.1-dev: yes, script default ``--guidance_scale 3.5``;
     schnell: None).
-  * target: flow matching ``noise - latents``; the script unpacks ``pred`` with
-    ``_unpack_latents(pred, h * vae_scale_factor, w * vae_scale_factor, vae_scale_factor)`` and compares with
-    ``noise - latents`` (unpacked); loss weighted by ``compute_loss_weighting_for_sd3(weighting_scheme, sigmas)``
-    (ones unless "sigma_sqrt"/"cosmap"). Older script versions passed the UNhalved latent sizes to
-    ``_prepare_latent_image_ids`` (that function then halved internally); 0.42's takes the packed grid size.
+  * target: flow matching ``noise - latents``; the script unpacks ``pred`` back to ``(B, C, h, w)`` with
+    ``_unpack_latents`` (pixel sizes: ``h * vae_scale_factor``; the script derives them from its own
+    ``2 ** len(block_out_channels)`` halved, the same numbers) and compares with ``noise - latents``; loss
+    weighted by ``compute_loss_weighting_for_sd3(weighting_scheme, sigmas)`` (ones unless
+    "sigma_sqrt"/"cosmap"). The stored script version passes the UNhalved latent sizes to
+    ``_prepare_latent_image_ids`` (older diffusers halved inside it); 0.42's takes the packed grid size.
   * scheduler config as FLUX.1-dev: ``shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
     max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096``; at inference the pipeline passes
     ``sigmas = linspace(1, 1/steps)`` and ``mu = calculate_shift(image_seq_len, 256, 4096, 0.5, 1.15)``
@@ -133,7 +134,7 @@ SD3 / SD3.5 (``StableDiffusion3Pipeline``; ``examples/dreambooth/train_dreamboot
     trainer must encode ``(x - shift_factor) * scaling_factor``.
 
 UNet timesteps are integers in [0, num_train_timesteps); DiT timesteps are floats (FLUX sigma, SD3 sigma*1000).
-The tests in ``tests/app/test_pipelines_helper.py`` (``test_training_forward``) run each of these
+The tests in ``tests/app/test_pipelines_helper.py`` (``test_training_forward_*``) run each of these
 recipes on the tiny pipelines (shapes, pack/unpack round trip, ``_get_add_time_ids``' check).
 """
 
