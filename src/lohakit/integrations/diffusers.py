@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from ..core.model import LoHaModel, use_base_state_dict_keys
 from ..formats.families import Family, family_of_model, family_of_pipeline
 from ..formats.families.stable_diffusion import sgm_unet_names
 from ..formats.kohya import (
@@ -113,6 +114,12 @@ def load_loha_weights(
             applied; False: apply the rest with a warning (listed in the report).
         tucker_t1_for_both: For Tucker files from LyCORIS <= 1.9.0.
 
+    The adapted models keep their own state-dict keys (as after
+    :func:`lohakit.inject_adapter_in_model`): ``state_dict()`` leaves out the adapter tensors
+    and the ``base_layer`` level, so ``pipe.save_pretrained`` still writes a pipeline that
+    diffusers loads (the base weights, or the merged ones while fused). Save the adapter with
+    :func:`save_loha_weights`.
+
     Returns:
         The :class:`~lohakit.formats.kohya.KohyaLoadReport`.
 
@@ -128,6 +135,9 @@ def load_loha_weights(
         tucker_t1_for_both=tucker_t1_for_both, name_tables=tables, source=label,
     )
     report.metadata = metadata
+    for model in models.values():
+        if not isinstance(model, LoHaModel):  # a LoHaModel's own state_dict speaks PEFT's keys
+            use_base_state_dict_keys(model)
     if fuse:
         for _, _, layer in _loha_layers(models):
             if adapter_name in layer.hada_w1_a:
