@@ -7,7 +7,9 @@ atol 1e-5.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 
@@ -262,3 +264,102 @@ def test_merge_given_a_kohya_file_says_to_convert_first(llama_and_adapter, tmp_p
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "kohya/LyCORIS single-file adapter" in err and "lohakit convert" in err, err
     assert not (tmp_path / "o").exists()
+
+
+# merge --overwrite never loses OUT ---------------------------------------------------------
+def _tree(d):
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _leftovers(out):
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+@pytest.fixture()
+def merged_once(llama_and_adapter, tmp_path):
+    from lohakit.app.merge import merge_to_dir
+
+    d, *_ = llama_and_adapter
+    out = tmp_path / "merged"
+    merge_to_dir(d / "base", d / "adapter", out, max_shard_size="60KB")
+    (out / "mine.txt").write_text("kept")  # a file of the old OUT that the new one does not have
+    return d, out, _tree(out)
+
+
+def test_merge_overwrite_second_rename_failing_keeps_old_out(merged_once, monkeypatch):
+    from lohakit.app import merge as merge_mod
+
+    d, out, before = merged_once
+    monkeypatch.setattr(merge_mod, "_exchange", lambda a, b: False)  # the two-rename path
+    real, calls = os.replace, []
+
+    def failing(src, dst, *a, **k):
+        calls.append((str(src), str(dst)))
+        if os.path.basename(str(src)).startswith(f".{out.name}.staged-"):  # the second rename
+            raise OSError(errno.EIO, "injected failure")
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="injected"):
+        merge_mod.merge_to_dir(d / "base", d / "adapter", out, overwrite=True)
+    assert any(os.path.basename(s) == out.name for s, _ in calls)  # OUT was set aside first ...
+    assert _tree(out) == before and _leftovers(out) == []  # ... and put back, nothing left behind
+
+
+def test_merge_overwrite_exchange_failing_keeps_old_out(merged_once, monkeypatch):
+    from lohakit.app import merge as merge_mod
+
+    d, out, before = merged_once
+
+    def broken(a, b):
+        raise OSError(errno.EIO, "injected exchange failure")
+
+    monkeypatch.setattr(merge_mod, "_exchange", broken)
+    with pytest.raises(OSError, match="injected"):
+        merge_mod.merge_to_dir(d / "base", d / "adapter", out, overwrite=True)
+    assert _tree(out) == before and _leftovers(out) == []
+
+
+@pytest.mark.parametrize("where", ["save", "side files"])
+def test_merge_overwrite_failing_while_staging_keeps_old_out(where, merged_once, monkeypatch):
+    from lohakit.app import merge as merge_mod
+
+    d, out, before = merged_once
+    if where == "save":
+        from transformers import PreTrainedModel
+
+        def boom(self, *a, **k):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(PreTrainedModel, "save_pretrained", boom)
+        exc = KeyboardInterrupt
+    else:
+        def boom(*a, **k):
+            raise OSError(errno.ENOSPC, "injected disk full")
+
+        monkeypatch.setattr(merge_mod, "_sync_tree", boom)
+        exc = OSError
+    with pytest.raises(exc):
+        merge_mod.merge_to_dir(d / "base", d / "adapter", out, overwrite=True)
+    assert _tree(out) == before and _leftovers(out) == []
+
+
+def test_merge_overwrite_replaces_out_whole(merged_once):
+    from lohakit.app.merge import merge_to_dir
+
+    d, out, before = merged_once
+    merge_to_dir(d / "base", d / "adapter", out, overwrite=True)  # default shard size: one file
+    names = sorted(p.name for p in out.iterdir())
+    assert "mine.txt" not in names and "model.safetensors" in names and "model.safetensors.index.json" not in names
+    assert _leftovers(out) == []
+
+
+def test_merge_after_a_crash_between_the_renames_puts_old_out_back(merged_once, capsys):
+    d, out, before = merged_once
+    os.rename(out, out.with_name(f".{out.name}.old-0123456789ab"))  # a crash right after OUT was set aside
+    stale = out.with_name(f".{out.name}.staged-ba9876543210")
+    stale.mkdir()
+    (stale / "partial.safetensors").write_bytes(b"x")
+    assert main(["merge", "--base", str(d / "base"), "--adapter", str(d / "adapter"), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err  # the restored OUT counts as existing
+    assert _tree(out) == before and _leftovers(out) == []

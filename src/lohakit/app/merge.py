@@ -2,16 +2,28 @@
 
 W ← W + s·(w1a w1b) ⊙ (w2a w2b) for every adapted module (computed in float32, cast once to W's
 dtype), then ``save_pretrained(max_shard_size=...)``: safetensors shards plus an index, exactly
-as transformers writes them, so ``AutoModel.from_pretrained(OUT)`` loads the merged model. The
-directory is written next to OUT and renamed into place: a failure leaves OUT as it was.
+as transformers writes them, so ``AutoModel.from_pretrained(OUT)`` loads the merged model.
+
+OUT is never lost or mixed (``--overwrite`` included): the whole directory is staged next to OUT
+(``.OUT.staged-<id>``) and swapped in by one atomic exchange of the two directories (Linux
+``renameat2(RENAME_EXCHANGE)``). Where that is unavailable, OUT is renamed aside
+(``.OUT.old-<id>``), the staged directory renamed into place, and the old OUT renamed back if
+that fails; after a crash between the two renames the next merge into OUT puts the old one back
+first. A file-by-file transaction (:class:`~lohakit.core.io.StagedWrites`) does not fit here: the
+set of files changes between saves (one ``model.safetensors`` or shards plus an index, which
+transformers reads in that order), so stale files of the old OUT would survive it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import json
 import os
+import secrets
 import shutil
-import tempfile
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +56,85 @@ def load_transformers_model(model_dir: str | os.PathLike) -> Any:
         raise ValueError(f"model directory {str(model_dir)!r} cannot be loaded: {str(e).splitlines()[0]}") from None
 
 
+_STAGED = ".staged-"
+_OLD = ".old-"
+
+
+def _siblings(out: Path, kind: str) -> list[Path]:
+    prefix = f".{out.name}{kind}"
+    try:
+        found = [p for p in out.parent.iterdir() if p.name.startswith(prefix) and not p.is_symlink()]
+    except OSError:
+        return []
+    return sorted(found, key=lambda p: p.stat().st_mtime)
+
+
+def _recover(out: Path) -> None:
+    """Finish what a crashed merge into ``out`` left: put a set-aside old OUT back, drop stale stagings."""
+    olds = _siblings(out, _OLD)
+    if olds and not out.exists():
+        os.replace(olds.pop(), out)  # the newest set-aside OUT: a crash came between the two renames
+    for p in olds + _siblings(out, _STAGED):
+        _remove(p)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap directories ``a`` and ``b`` atomically (Linux ``renameat2``); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # no libc symbol (glibc < 2.28, musl)
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+        return False
+    raise OSError(err, f"cannot swap {b} with the merged directory {a}: {os.strerror(err)}; {b} is unchanged", str(b))
+
+
+def _sync_tree(root: Path) -> None:
+    for p in [*root.rglob("*"), root]:
+        if p.is_symlink():
+            continue
+        fd = os.open(p, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if p.is_dir() else 0))
+        try:
+            with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _swap_into_place(staged: Path, out: Path) -> None:
+    """Make the complete directory ``staged`` be ``out``; on any failure ``out`` stays as it was."""
+    if not out.exists():
+        os.replace(staged, out)
+        return
+    if _exchange(staged, out):
+        _remove(staged)  # now the old OUT
+        return
+    old = out.with_name(f".{out.name}{_OLD}{secrets.token_hex(6)}")
+    os.replace(out, old)
+    try:
+        os.replace(staged, out)
+    except BaseException:
+        os.replace(old, out)  # put the old OUT back before reporting the failure
+        raise
+    _remove(old)
+
+
 def merge_to_dir(
     base: str | os.PathLike,
     adapter: str | os.PathLike,
@@ -63,6 +154,8 @@ def merge_to_dir(
     from ..core.model import LoHaModel
 
     out_p, adapter_p = Path(out), Path(adapter)
+    if out_p.parent.is_dir():
+        _recover(out_p)  # first: an OUT set aside by a crashed merge counts as existing
     if out_p.exists() and (not out_p.is_dir() or any(out_p.iterdir())) and not overwrite:
         raise FileExistsError(f"output directory {str(out_p)!r} already exists; pass --overwrite to replace it")
     if not adapter_p.exists():
@@ -82,7 +175,8 @@ def merge_to_dir(
     n = len(list(peft.loha_layers()))
     merged = peft.merge_and_unload(safe_merge=True)
     out_p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_p.name}.", dir=out_p.parent))
+    tmp = out_p.with_name(f".{out_p.name}{_STAGED}{secrets.token_hex(6)}")
+    tmp.mkdir()
     try:
         merged.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         for name in _SIDE_FILES:
@@ -93,15 +187,8 @@ def merge_to_dir(
             json.dumps({"base": str(base), "adapter": str(adapter_p), "merged_modules": n}, indent=2), encoding="utf-8"
         )
         files = sorted(p.name for p in tmp.glob("*.safetensors"))
-        if out_p.exists():
-            old = out_p.with_name(f".{out_p.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out_p, old)
-            os.replace(tmp, out_p)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_p)
+        _sync_tree(tmp)  # the staged files are on disk before they become OUT
+        _swap_into_place(tmp, out_p)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
