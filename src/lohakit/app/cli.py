@@ -57,7 +57,9 @@ _TRAIN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--model": ("model", dict(help="transformers model directory, or an import path package.module:callable")),
     "--data": ("data", dict(help="training text: .txt, .jsonl (with a text field) or .csv")),
     "--output-dir": ("output_dir", dict(help="where checkpoints, metrics.jsonl, loss_curve.png and the adapter go")),
-    "--task": ("task", dict(choices=["causal-lm", "seq-cls"], help="causal-lm (default) or seq-cls")),
+    "--task": ("task", dict(choices=["causal-lm", "seq-cls", "text-to-image"],
+                            help="causal-lm (default), seq-cls, or text-to-image (--model: a diffusers pipeline directory, "
+                            "--data: an image folder)")),
     "--eval-data": ("eval_data", dict(help="held-out text (default: the last --eval-fraction of --data)")),
     "--eval-fraction": ("eval_fraction", dict(type=float, help="share of --data held out when no --eval-data (0.1)")),
     "--text-field": ("text_field", dict(help="text field/column of .jsonl/.csv data (text)")),
@@ -80,12 +82,52 @@ _TRAIN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+#: text-to-image flags: flag -> (ImageTrainConfig field, argparse kwargs)
+_IMAGE_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "--resolution": ("resolution", dict(type=int, help="bucket area ~ resolution^2, a multiple of the family's factor (512)")),
+    "--caption-ext": ("caption_ext", dict(help="suffix of the caption files beside the images (.txt)")),
+    "--missing-caption": ("missing_caption", dict(choices=["warn", "error", "empty", "folder"],
+                                                  help="an image without caption: warn (default; empty caption), error, empty, "
+                                                  "folder (the concept folder's name)")),
+    "--caption-dropout": ("caption_dropout", dict(type=float, help="probability of an empty caption per sample (0)")),
+    "--keep-tokens": ("keep_tokens", dict(type=int, help="with --shuffle-caption: leading tags kept in place (0)")),
+    "--text-encoder-lr": ("text_encoder_lr", dict(type=float, help="learning rate of the text encoders' adapters (--lr)")),
+    "--conv-r": ("conv_r", dict(type=int, help="with --train-convs: rank of the ResNet conv adapters (-r)")),
+    "--conv-alpha": ("conv_alpha", dict(type=float, help="with --train-convs: their alpha (--conv-r)")),
+    "--cache-dir": ("cache_dir", dict(help="cached VAE latents / text outputs (default $XDG_CACHE_HOME/lohakit/image-cache)")),
+    "--min-snr-gamma": ("min_snr_gamma", dict(type=float, help="UNets: Min-SNR-gamma loss weighting (off)")),
+    "--noise-offset": ("noise_offset", dict(type=float, help="UNets: offset noise strength (0)")),
+    "--timestep-sampling": ("timestep_sampling", dict(choices=["logit_normal", "uniform"], help="FLUX/SD3: how sigma is drawn before "
+                                                      "the scheduler's shift (logit_normal)")),
+    "--guidance-scale": ("guidance_scale", dict(type=float, help="FLUX.1-dev: the guidance input while training (3.5)")),
+    "--max-sequence-length": ("max_sequence_length", dict(type=int, help="FLUX/SD3: T5 tokens per caption (the pipeline's default)")),
+    "--optimizer": ("optimizer", dict(choices=["adamw", "adamw8bit"], help="adamw (default) or adamw8bit (bitsandbytes)")),
+    "--ema-decay": ("ema_decay", dict(type=float, help="EMA of the adapter weights, e.g. 0.999 (0: off); outputs carry the EMA")),
+    "--sample-prompts": ("sample_prompts", dict(help="file of prompts, one per line: sample grids under OUT/samples/")),
+    "--sample-every": ("sample_every", dict(type=int, help="sample every N steps (0: at the end only, with --sample-prompts)")),
+    "--sample-steps": ("sample_steps", dict(type=int, help="inference steps per sample (20)")),
+    "--sample-seed": ("sample_seed", dict(type=int, help="seed of the sample images (0)")),
+    "--output-name": ("output_name", dict(help="name of the kohya file, OUT/NAME.safetensors (loha)")),
+    "--save-dtype": ("save_dtype", dict(choices=["fp16", "bf16", "fp32"], help="dtype of the kohya file (fp16)")),
+}
+_IMAGE_SWITCHES = {
+    "--skip-bad-images": ("skip_bad_images", "skip unreadable or truncated images (one warning) instead of stopping"),
+    "--random-flip": ("random_flip", "mirror half of the samples (a pure function of seed and step)"),
+    "--shuffle-caption": ("shuffle_caption", "shuffle the comma-separated tags of each caption per sample"),
+    "--train-text-encoder": ("train_text_encoder", "adapt the text encoders too (their outputs are then not cached)"),
+    "--train-convs": ("train_convs", "UNets: adapt the ResNet convolutions too (--conv-r/--conv-alpha)"),
+    "--use-effective-conv2d": ("use_effective_conv2d", "with --train-convs: Tucker (CP) factors for k x k convolutions"),
+    "--gradient-checkpointing": ("gradient_checkpointing", "recompute activations in backward (less memory)"),
+}
+
+
 def _add_train(sub: Any) -> None:
     p = sub.add_parser(
         "train",
-        help="fine-tune a model with a LoHa adapter on local text",
+        help="fine-tune a model with a LoHa adapter on local text or captioned images",
         description="Fine-tune a transformers model directory (or a model named by import path) with a LoHa "
-        "adapter on local text. Settings come from CONFIG (.yaml/.json/.toml, keys as in the flags with "
+        "adapter on local text; with --task text-to-image, a diffusers pipeline directory (SD 1.x/2.x, SDXL, FLUX.1, "
+        "SD3/3.5) on a folder of captioned images, saving PEFT adapters and a kohya .safetensors that ComfyUI and A1111 load. Settings come from CONFIG (.yaml/.json/.toml, keys as in the flags with "
         "underscores, LoHa settings under 'loha') and/or flags; flags win. Multi-process (DDP; gloo on CPU): "
         "accelerate launch --multi_gpu --num_processes N -m lohakit train ... (accelerate needs --multi_gpu "
         "to start several processes, also on a CPU-only machine).",
@@ -102,6 +144,11 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--fsdp", dest="fsdp", action="store_true", default=None,
                    help="with several processes, shard the model with torch's FSDP2 (fully_shard) instead of DDP; "
                    "works on CPU (gloo), where accelerate's own FSDP plugin does not")
+    img = p.add_argument_group("text-to-image (--task text-to-image)")
+    for flag, (dest, kw) in _IMAGE_FLAGS.items():
+        img.add_argument(flag, dest=dest, default=None, **kw)
+    for flag, (dest, text) in _IMAGE_SWITCHES.items():
+        img.add_argument(flag, dest=dest, action="store_true", default=None, help=text)
     g = p.add_argument_group("LoHa adapter (override the config file's 'loha' section)")
     g.add_argument("-r", "--rank", dest="loha_r", type=int, metavar="R", help="rank of each Hadamard branch")
     g.add_argument("--alpha", dest="loha_alpha", type=float, metavar="ALPHA", help="scale numerator: ΔW is scaled by alpha / r")
@@ -123,6 +170,13 @@ def _train_config(args: argparse.Namespace) -> Any:
     for dest in ("cpu", "resume", "overwrite", "progress", "fsdp"):
         if getattr(args, dest) is not None:
             data[dest] = getattr(args, dest)
+    image_dests = [d for d, _ in _IMAGE_FLAGS.values()] + [d for d, _ in _IMAGE_SWITCHES.values()]
+    given = [d for d in image_dests if getattr(args, d) is not None]
+    if data.get("task") != "text-to-image" and given:
+        flags = [f for f, (d, _) in {**_IMAGE_FLAGS, **_IMAGE_SWITCHES}.items() if d in given]
+        raise ValueError(f"{', '.join(flags)} {'applies' if len(flags) == 1 else 'apply'} only to --task text-to-image")
+    for d in given:
+        data[d] = getattr(args, d)
     if not isinstance(data.get("loha") or {}, dict):
         raise ValueError(f"{source}: 'loha' must be a mapping of LoHaConfig fields, got {data['loha']!r}")
     loha = dict(data.get("loha") or {})
@@ -133,6 +187,10 @@ def _train_config(args: argparse.Namespace) -> Any:
     for k, v in args.loha_extra:
         loha[k] = v
     data["loha"] = loha
+    if data.get("task") == "text-to-image":
+        from .train_image import ImageTrainConfig
+
+        return ImageTrainConfig.from_dict(data, source=source)
     return TrainConfig.from_dict(data, source=source)
 
 
@@ -140,6 +198,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainInterrupted, train
 
     cfg = _train_config(args)
+    if cfg.task == "text-to-image":
+        from .train_image import train_text_to_image as train  # type: ignore[assignment]
     try:
         result = train(cfg, echo=lambda line: print(line, flush=True))
     except TrainInterrupted as e:
@@ -153,7 +213,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             parts.append(f"eval ppl {result['eval_ppl']:.3f}")
         if result.get("eval_accuracy") is not None:
             parts.append(f"eval accuracy {result['eval_accuracy']:.3f}")
-        print("done: " + ", ".join(parts) + f"; adapter in {result['output_dir']}")
+        where = f"kohya file {result['kohya_file']}, PEFT adapters in {result['output_dir']}" if result.get("kohya_file") else (
+            f"adapter in {result['output_dir']}")
+        print("done: " + ", ".join(parts) + f"; {where}")
     return EXIT_OK
 
 

@@ -58,7 +58,7 @@ from .imagedata import ImageBatches, ImageDataError, load_pixels, make_buckets, 
 from .objectives import FAMILY_DEFAULT_TARGETS, TEXT_ENCODER_TARGETS, TIMESTEP_SAMPLING, UNET_CONV_TARGETS, Objective, objective_for
 from .train import (
     MIXED_PRECISION, SCHEDULERS, TrainInterrupted, _atomic_write_text, _is_int, _is_num, _jsonable, _lr_lambda,
-    _make_accelerator, _optimizer_from_files, _optimizer_to_files, _plot, _rng_state, _set_rng_state, base_fingerprint,
+    _make_accelerator, _optimizer_from_files, _optimizer_to_files, _params_digest, _plot, _rng_state, _set_rng_state, base_fingerprint,
     find_last_checkpoint,
 )
 
@@ -543,6 +543,9 @@ def train_text_to_image(
         optimizer.load_state_dict(_optimizer_from_files(load_state_dict(resume_dir / "optimizer.safetensors"), state["optimizer"]))
         scheduler.load_state_dict(state["scheduler"])
         start_step = int(state["step"])
+        rngs = state.get("rng", [])
+        if rank < len(rngs):  # only dropout draws from the global generators; every other draw is seeded per sample
+            _set_rng_state(rngs[rank])
         if ema is not None:
             saved = load_state_dict(resume_dir / "ema.safetensors") if (resume_dir / "ema.safetensors").is_file() else {}
             ema = [saved.get(str(i), e).to(e.device, e.dtype) for i, e in enumerate(ema)]
@@ -645,11 +648,11 @@ def train_text_to_image(
                 ema_swap()
 
         def save_checkpoint(step: int, reason: str) -> Path:
-            rng = [_rng_state()]
+            rng, digest = [_rng_state()], [_params_digest(params)]
             if world > 1:
                 from accelerate.utils import gather_object
 
-                rng = gather_object(rng)
+                rng, digest = gather_object(rng), gather_object(digest)
             final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
             if main:
                 if tmp.exists():
@@ -663,7 +666,7 @@ def train_text_to_image(
                 save_state_dict(opt_tensors, tmp / "optimizer.safetensors", metadata={"format": "pt"})
                 st = {"step": step, "reason": reason, "base_model": cfg.model, "base_fingerprint": fingerprint,
                       "world_size": world, "batch_size": cfg.batch_size, "scheduler": _jsonable(scheduler.state_dict()),
-                      "optimizer": _jsonable(opt_meta), "rng": rng, "config": cfg.to_dict()}
+                      "optimizer": _jsonable(opt_meta), "rng": rng, "replica_digests": digest, "config": cfg.to_dict()}
                 (tmp / "trainer_state.json").write_text(json.dumps(st, default=str), encoding="utf-8")
                 if final.exists():
                     shutil.rmtree(final)
