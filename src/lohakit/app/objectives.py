@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -241,6 +241,3 @@ def objective_for(pipe: Any, family: str, **options: Any) -> Objective:
     patch = 2 if family == "flux" else int(getattr(pipe.transformer.config, "patch_size", 1))
     return Objective(family, pipe, "flow", f * patch, **options)
 
-
-#: For typing callers: a per-sample loss function.
-LossFn = Callable[[nn.Module, torch.Tensor, dict[str, torch.Tensor], Sequence[int]], torch.Tensor]

@@ -32,14 +32,12 @@ as it was.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
-import random
 import shutil
 import signal
 import threading
@@ -54,7 +52,7 @@ import torch.nn as nn
 from ..core.config import LoHaConfig
 from ..core.io import load_state_dict, save_state_dict
 from ..core.model import LoHaModel, inject_adapter_in_model
-from .imagedata import ImageBatches, ImageDataError, load_pixels, make_buckets, process_caption, scan_images, tag_frequencies
+from .imagedata import ImageBatches, load_pixels, make_buckets, process_caption, scan_images, tag_frequencies
 from .objectives import FAMILY_DEFAULT_TARGETS, TEXT_ENCODER_TARGETS, TIMESTEP_SAMPLING, UNET_CONV_TARGETS, Objective, objective_for
 from .train import (
     MIXED_PRECISION, SCHEDULERS, TrainInterrupted, _atomic_write_text, _is_int, _is_num, _jsonable, _lr_lambda,
@@ -377,11 +375,6 @@ def _inject(cfg: ImageTrainConfig, info: PipelineInfo, pipe: Any, denoiser: nn.M
 def info_component(info: PipelineInfo) -> str:
     """The pipeline attribute of the denoiser: ``unet`` or ``transformer``."""
     return "unet" if info.family in ("sd", "sdxl") else "transformer"
-
-
-def _adapter_tensors(cfg: ImageTrainConfig, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable tensors of one model by name (what an EMA tracks and a checkpoint restores)."""
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 # ------------------------------------------------------------------------------------------
