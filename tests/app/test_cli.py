@@ -363,3 +363,164 @@ def test_merge_after_a_crash_between_the_renames_puts_old_out_back(merged_once, 
     assert main(["merge", "--base", str(d / "base"), "--adapter", str(d / "adapter"), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err  # the restored OUT counts as existing
     assert _tree(out) == before and _leftovers(out) == []
+
+
+# malformed tensors in inspect / convert: LoHaFormatError (exit 2, one line), never a crash ----
+_K = "base_model.model."
+
+
+def _peft_mut(fn):
+    def apply(sd):
+        fn(sd)
+        return sd
+    return apply
+
+
+def _set(key, value):
+    return lambda sd: sd.__setitem__(key, value(sd[key]) if callable(value) else value)
+
+
+def _drop(key):
+    return lambda sd: sd.pop(key)
+
+
+def _nan(key, v=float("nan")):
+    def f(sd):
+        t = sd[key].clone()
+        t.view(-1)[0] = v
+        sd[key] = t
+    return f
+
+
+PEFT_CASES = [
+    # (id, tucker, mutation, words in the one-line error)
+    ("w1_b_rank_3_against_rank_2", False, _set(_K + "lin.hada_w1_b", lambda t: torch.randn(3, t.shape[1])), ["lin.hada_w1_b", "rank"]),
+    ("w2_a_other_out_rows", False, _set(_K + "lin.hada_w2_a", lambda t: torch.randn(t.shape[0] + 1, t.shape[1])), ["lin.hada_w2_a"]),
+    ("w2_b_other_in", False, _set(_K + "lin.hada_w2_b", lambda t: torch.randn(t.shape[0], t.shape[1] - 1)), ["lin.hada_w2_b"]),
+    ("zero_dim_w1_a", False, _set(_K + "lin.hada_w1_a", torch.tensor(1.0)), ["lin.hada_w1_a", "2 dimensions"]),
+    ("one_dim_w1_b", False, _set(_K + "lin.hada_w1_b", lambda t: t.reshape(-1)), ["lin.hada_w1_b"]),
+    ("empty_rank", False, lambda sd: [sd.__setitem__(k, torch.zeros(*(0 if i == d else s for i, s in enumerate(sd[k].shape))))
+                                      for k, d in ((_K + "lin.hada_w1_a", 1), (_K + "lin.hada_w1_b", 0),
+                                                   (_K + "lin.hada_w2_a", 1), (_K + "lin.hada_w2_b", 0))], ["lin.hada_", "empty"]),
+    ("nan", False, _nan(_K + "conv.hada_w2_b"), ["conv.hada_w2_b", "NaN"]),
+    ("inf", False, _nan(_K + "lin.hada_w1_a", float("inf")), ["lin.hada_w1_a", "inf"]),
+    ("int_factor", False, _set(_K + "lin.hada_w1_a", lambda t: t.to(torch.int32)), ["lin.hada_w1_a", "dtype"]),
+    ("t1_without_t2", True, _drop(_K + "tconv.hada_t2"), ["tconv", "hada_t1"]),
+    ("t1_wrong_rank", True, _set(_K + "tconv.hada_t1", lambda t: torch.randn(t.shape[0], t.shape[1] + 1, *t.shape[2:])), ["tconv.hada_t1"]),
+    ("t2_other_kernel", True, _set(_K + "tconv.hada_t2", lambda t: torch.randn(*t.shape[:2], 1, 1)), ["tconv.hada_t2", "kernel"]),
+    ("tucker_w1_a_3d", True, _set(_K + "tconv.hada_w1_a", lambda t: t.unsqueeze(-1)), ["tconv.hada_w1_a"]),
+    ("missing_factor", False, _drop(_K + "pw.hada_w2_a"), ["pw", "hada_w2_a"]),
+]
+
+
+def _mutated_peft(tmp_path, tucker, mutation):
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "a"
+    _adapted(tucker).save_pretrained(str(d))
+    sd = load_file(str(d / "adapter_model.safetensors"))
+    mutation(sd)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "adapter_model.safetensors"))
+    return d
+
+
+def _one_line_error(capsys, words):
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and "internal error" not in err, err
+    assert all(w in err for w in words), (words, err)
+
+
+@pytest.mark.parametrize("case", PEFT_CASES, ids=[c[0] for c in PEFT_CASES])
+@pytest.mark.parametrize("command", ["inspect", "convert-lora", "convert-kohya"])
+def test_malformed_peft_tensors_exit_2_with_one_line(case, command, tmp_path, capsys):
+    _, tucker, mutation, words = case
+    d = _mutated_peft(tmp_path, tucker, mutation)
+    out = tmp_path / ("o.safetensors" if command == "convert-kohya" else "o")
+    argv = {"inspect": ["inspect", str(d)], "convert-lora": ["convert", str(d), str(out), "--to", "lora"],
+            "convert-kohya": ["convert", str(d), str(out), "--to", "kohya", "--prefix", "lora_te"]}[command]
+    assert main(argv) == 2
+    _one_line_error(capsys, words)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".o")]
+
+
+def _kohya_file(tmp_path, mutation=None):
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "a"
+    _adapted(False).save_pretrained(str(d))
+    k = tmp_path / "k.safetensors"
+    assert main(["convert", str(d), str(k), "--to", "kohya", "--prefix", "lora_te"]) == 0
+    if mutation is not None:
+        sd = load_file(str(k))
+        mutation(sd)
+        save_file({n: v.contiguous() for n, v in sd.items()}, str(k))
+    return k
+
+
+KOHYA_CASES = [
+    ("alpha_nan", lambda sd: sd.__setitem__("lora_te_lin.alpha", torch.tensor(float("nan"))), ["lora_te_lin.alpha", "finite"]),
+    ("w1_b_rank", _set("lora_te_lin.hada_w1_b", lambda t: torch.randn(t.shape[0] + 1, t.shape[1]).half()), ["lora_te_lin.hada_w1_b"]),
+    ("w2_a_one_dim", _set("lora_te_lin.hada_w2_a", lambda t: t.reshape(-1)), ["lora_te_lin.hada_w2_a"]),
+    ("nan_factor", _nan("lora_te_conv.hada_w1_b"), ["lora_te_conv.hada_w1_b", "NaN"]),
+    ("scalar_factor", _set("lora_te_pw.hada_w2_b", torch.tensor(2.0)), ["lora_te_pw.hada_w2_b"]),
+    ("alpha_not_one_number", _set("lora_te_lin.alpha", torch.ones(3, 3)), ["lora_te_lin.alpha", "single number"]),  # found by a fuzz run
+]
+
+
+@pytest.mark.parametrize("case", KOHYA_CASES, ids=[c[0] for c in KOHYA_CASES])
+@pytest.mark.parametrize("command", ["inspect", "convert-lora"])
+def test_malformed_kohya_tensors_exit_2_with_one_line(case, command, tmp_path, capsys):
+    _, mutation, words = case
+    k = _kohya_file(tmp_path, mutation)
+    capsys.readouterr()
+    out = tmp_path / "o.safetensors"
+    argv = ["inspect", str(k)] if command == "inspect" else ["convert", str(k), str(out), "--to", "lora"]
+    assert main(argv) == 2
+    _one_line_error(capsys, words)
+    assert not out.exists()
+
+
+def test_unequal_branch_ranks_inspect_but_do_not_convert(tmp_path, capsys):
+    def unequal(sd):
+        sd["lora_te_lin.hada_w2_a"] = torch.randn(10, 3).half()
+        sd["lora_te_lin.hada_w2_b"] = torch.randn(3, 12).half()
+
+    k = _kohya_file(tmp_path, unequal)
+    capsys.readouterr()
+    assert main(["inspect", "--json", str(k)]) == 0
+    rows = {r["module"]: r for r in json.loads(capsys.readouterr().out)["modules"]}
+    assert rows["lora_te_lin"]["rank"] == [2, 3]
+    assert main(["convert", str(k), str(tmp_path / "o.safetensors"), "--to", "lora"]) == 2
+    _one_line_error(capsys, ["lora_te_lin.hada_w2_b", "equal branch ranks"])
+
+
+def test_float8_factors_inspect_and_convert(tmp_path, capsys):
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("no float8 in this torch")
+    d = _mutated_peft(tmp_path, False, _set(_K + "lin.hada_w1_a", lambda t: t.to(torch.float8_e4m3fn)))
+    assert main(["inspect", str(d)]) == 0
+    assert "float8_e4m3fn" in capsys.readouterr().out
+    assert main(["convert", str(d), str(tmp_path / "o.safetensors"), "--to", "kohya", "--prefix", "lora_te"]) == 0
+
+
+def test_convert_checks_its_output_before_the_final_rename(tmp_path, capsys, monkeypatch):
+    """An output the loaders would refuse (here: a writer producing NaN) never replaces OUT."""
+    from lohakit.formats import kohya as kohya_fmt
+
+    d = tmp_path / "a"
+    _adapted(False).save_pretrained(str(d))
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"old")
+    real = kohya_fmt._entries_state_dict
+
+    def poisoned(*a, **k):
+        sd, meta = real(*a, **k)
+        key = next(n for n in sd if n.endswith("hada_w1_a"))
+        sd[key] = torch.full_like(sd[key], float("nan"))
+        return sd, meta
+
+    monkeypatch.setattr(kohya_fmt, "_entries_state_dict", poisoned)
+    assert main(["convert", str(d), str(out), "--to", "kohya", "--prefix", "lora_te", "--overwrite"]) == 2
+    _one_line_error(capsys, ["loaders refuse", str(out), "NaN"])
+    assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["a", "o.safetensors"]

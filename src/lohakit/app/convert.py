@@ -14,12 +14,24 @@ pipeline directory (``model_index.json``: its ``unet``/``transformer`` and text 
 loaded, the rest is not). The exact LoRA has rank r1·r2 (ΔW = s·P Q, BRIEF §4); ``--rank K``
 compresses the modules whose exact rank is above K (QR of the factors + SVD of a small core)
 and the report gives the worst relative error.
+
+Input and output are checked as the loaders check them. IN is read through the loaders'
+readers and every module's factors pass :func:`lohakit.app.inspection.check_module_factors`
+(shapes, ranks, finite values) before anything is converted; OUT is written to a staged name
+next to it (``.OUT.convert-<id>``), read back and checked again (a PEFT LoHa directory against
+``--base`` with the PEFT loader's own plan and tensor checks, a kohya LoHa file with the factor
+checks, a LoRA with finite, rank-consistent up/down pairs), and only then renamed into place.
+A malformed IN or an output a loader would refuse is a :class:`~lohakit.core.io.LoHaFormatError`
+(exit 2) and OUT stays as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -81,26 +93,19 @@ def load_any_model(model_dir: str | os.PathLike) -> Any:
 
 
 def _peft_dir_as_state_dict(src: Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """A PEFT LoHa directory as a kohya-style state dict with placeholder names (no dots) and their paths."""
-    from ..core.config import LoHaConfig
-    from ..core.io import load_state_dict
-    from ..core.targets import rank_and_alpha
-
+    """A PEFT LoHa directory (read and checked as the loaders do) as a kohya-style state dict with
+    placeholder names (no dots) and their paths."""
     import torch
 
-    config = LoHaConfig.from_json_file(src / "adapter_config.json")
-    sd = load_state_dict(src / "adapter_model.safetensors")
-    paths = sorted({k[len(_PEFT_PREFIX):].rpartition(".")[0] for k in sd if k.startswith(_PEFT_PREFIX) and ".hada_" in k})
-    names = {p: f"m{i}" for i, p in enumerate(paths)}
+    from .inspection import read_loha_modules
+
+    data = read_loha_modules(src, equal_ranks=True)
+    names = {p: f"m{i}" for i, p in enumerate(sorted(data["modules"]))}
     out: dict[str, Any] = {}
-    for k, t in sd.items():
-        if not k.startswith(_PEFT_PREFIX):
-            continue
-        path, _, param = k[len(_PEFT_PREFIX):].rpartition(".")
-        if path in names:
-            out[f"{names[path]}.{param}"] = t
     for p, n in names.items():
-        out[f"{n}.alpha"] = torch.tensor(float(rank_and_alpha(config, p)[1]))
+        for param, t in data["modules"][p].items():
+            out[f"{n}.{param}"] = t
+        out[f"{n}.alpha"] = torch.tensor(float(data["alpha"][p]))
     return out, {n: p for p, n in names.items()}
 
 
@@ -178,6 +183,68 @@ def _lora_report(exports: dict[str, Any], rank: int | None, to_file: bool, d: Pa
     return f"wrote LoRA ({kind}) {d}: {len(exports)} modules, rank {ranks}, {how}"
 
 
+def _staged(d: Path) -> Path:
+    """A fresh name next to ``d`` for the output while it is written and checked."""
+    suffix = ".safetensors" if d.suffix.lower() == ".safetensors" else ""
+    return d.with_name(f".{d.name}.convert-{secrets.token_hex(6)}{suffix}")
+
+
+def _check_lora_file(path: Path, peft_keys: bool) -> None:
+    """A LoRA written by convert: finite up/down pairs of one rank per module (kohya or PEFT keys)."""
+    from ..core.io import LoHaFormatError, NonFiniteTensorError, load_state_dict, tensor_is_finite
+
+    sd = load_state_dict(path)
+    down, up = ("lora_A.weight", "lora_B.weight") if peft_keys else ("lora_down.weight", "lora_up.weight")
+    pairs: dict[str, dict[str, Any]] = {}
+    for key, t in sd.items():
+        for leaf in (down, up):
+            if key.endswith("." + leaf):
+                pairs.setdefault(key[: -len(leaf) - 1], {})[leaf] = t
+        if not tensor_is_finite(t):
+            raise NonFiniteTensorError(f"{path}: {key}: holds NaN or inf")
+    if not pairs:
+        raise LoHaFormatError(f"{path}: no LoRA ({down} / {up}) tensors were written")
+    for mod, pair in pairs.items():
+        if set(pair) != {down, up}:
+            raise LoHaFormatError(f"{path}: module {mod!r} has only {sorted(pair)}")
+        a, b = pair[down], pair[up]
+        if a.ndim < 2 or b.ndim < 2 or a.shape[0] != b.shape[1] or 0 in a.shape or 0 in b.shape:
+            raise LoHaFormatError(f"{path}: module {mod!r}: {down} {tuple(a.shape)} and {up} {tuple(b.shape)} do not pair")
+
+
+def _check_output(staged: Path, to: str, to_file: bool, model: Any) -> None:
+    """Read back what convert wrote with the checks its loaders apply (see the module docstring)."""
+    if to == "kohya":
+        from .inspection import read_loha_modules
+
+        read_loha_modules(staged, equal_ranks=True)
+    elif to == "peft":
+        from ..formats.peft import check_adapter_tensors, plan_adapter, read_adapter
+
+        source, config, tensors = read_adapter(staged)
+        _, slots = plan_adapter(model, config, str(source.config_path))
+        check_adapter_tensors(slots, tensors, source.weights_path, source.config_path, strict=True)
+    else:
+        _check_lora_file(staged if to_file else staged / "adapter_model.safetensors", peft_keys=not to_file)
+
+
+def _put_in_place(staged: Path, d: Path) -> None:
+    if staged.is_dir():
+        from .merge import _swap_into_place
+
+        _swap_into_place(staged, d)
+    else:
+        os.replace(staged, d)
+
+
+def _discard(staged: Path) -> None:
+    if staged.is_dir() and not staged.is_symlink():
+        shutil.rmtree(staged, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            staged.unlink()
+
+
 def convert(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -200,6 +267,34 @@ def convert(
     kind = _kind(s)
     if d.exists() and (d.is_file() or any(d.iterdir())) and not overwrite:
         raise FileExistsError(f"output {str(d)!r} already exists; pass --overwrite to replace it")
+    from ..core.io import LoHaFormatError
+    from .inspection import read_loha_modules
+
+    read_loha_modules(s, equal_ranks=True)  # IN checked as the loaders check it, before any work
+    staged = _staged(d)
+    d.parent.mkdir(parents=True, exist_ok=True)
+    checked: dict[str, Any] = {}
+    try:
+        report = _convert_to(s, staged, d, kind, to, rank, base, prefix, checked)
+        try:
+            _check_output(staged, to, staged.suffix.lower() == ".safetensors", checked.get("model"))
+        except LoHaFormatError as e:
+            raise type(e)(
+                f"convert wrote output that lohakit's loaders refuse, so {str(d)!r} was left as it was: "
+                + str(e).replace(str(staged), str(d))
+            ) from None
+        _put_in_place(staged, d)
+    finally:
+        if staged.exists():
+            _discard(staged)
+    return report
+
+
+def _convert_to(
+    s: Path, d: Path, final: Path, kind: str, to: str, rank: int | None, base: Any, prefix: str | None,
+    checked: dict[str, Any],
+) -> str:
+    """Write the conversion at ``d`` (the staged name; ``final`` is what the report names)."""
     try:
         from ..formats import kohya as kohya_fmt
     except ImportError as e:
@@ -208,8 +303,8 @@ def convert(
     if to == "kohya":
         if kind != "peft":
             raise ValueError(f"--to kohya converts a PEFT adapter directory; {str(s)!r} already is a kohya file")
-        if d.suffix.lower() != ".safetensors":
-            raise ValueError(f"--to kohya writes a single .safetensors file; OUT {str(d)!r} must end with .safetensors")
+        if final.suffix.lower() != ".safetensors":
+            raise ValueError(f"--to kohya writes a single .safetensors file; OUT {str(final)!r} must end with .safetensors")
         if base:
             model, prefix = _model_for_prefix(base, prefix)
         else:
@@ -218,18 +313,19 @@ def convert(
                 sd, back = _peft_dir_as_state_dict(s)
                 prefix = _default_kohya_prefix(sorted(back.values()), s)
         kohya_fmt.peft_to_kohya(s, d, prefix=prefix, model=model)
-        return f"wrote kohya LoHa file {d} (prefix {prefix})"
+        return f"wrote kohya LoHa file {final} (prefix {prefix})"
     if to == "peft":
         if kind != "kohya":
             raise ValueError(f"--to peft converts a kohya .safetensors file; {str(s)!r} already is a PEFT directory")
         if base is None:
             raise ValueError("--to peft needs --base MODEL_DIR: kohya module names are matched against the model's modules")
         model, prefix = _model_for_prefix(base, prefix)
+        checked["model"] = model
         config, report = kohya_fmt.kohya_to_peft(s, model, d, prefix=prefix, base_model_name_or_path=str(base))
         n_model = len(config.target_modules)
         where = f"{len(report.matched)} modules" if n_model == len(report.matched) else (
             f"{len(report.matched)} file modules on {n_model} model modules (fused blocks split)")
-        return f"wrote PEFT LoHa directory {d}: {where}, r={config.r}, alpha={config.alpha:g}" + (
+        return f"wrote PEFT LoHa directory {final}: {where}, r={config.r}, alpha={config.alpha:g}" + (
             f"; {len(report.unused_keys)} key(s) of the file unused" if report.unused_keys else ""
         )
     # --to lora
@@ -262,4 +358,4 @@ def convert(
             lora_mod.save_lora_kohya(d, {prefix: exports})
         else:
             lora_mod.save_lora_peft(exports, d, base_model_name_or_path=str(base) if base else None)
-    return _lora_report(exports, rank, to_file, d)
+    return _lora_report(exports, rank, to_file, final)
