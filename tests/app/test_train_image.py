@@ -247,6 +247,10 @@ def test_samples_text_encoder_convs_and_ema(pipes, images, tmp_path):
 
     assert Image.open(out / "samples" / grids[-1]).size == (32, 64)  # one row per prompt
     assert set(res["adapters"]) == {"unet", "text_encoder"}
+    from lohakit.formats.kohya import read_kohya_file
+
+    names = read_kohya_file(res["kohya_file"])[0]
+    assert any(k.startswith("lora_te_text_model_") for k in names) and any(k.startswith("lora_unet_") for k in names)
     cfg = json.loads((out / "unet" / "adapter_config.json").read_text())
     assert 3 in cfg["rank_pattern"].values() and any("conv1" in k for k in cfg["rank_pattern"])
     p = _fresh(pipes["sd1"])
