@@ -13,6 +13,7 @@ from .core.io import (
     AdapterChangedError, LoHaFormatError, ResourceLimitError, UnreadableFileError, load_state_dict, save_state_dict,
 )
 from .formats import peft as _peft_format  # noqa: F401  registers PEFT's directory format as the adapter store
+from .integrations import diffusers as _diffusers  # noqa: F401  guards diffusers pipeline saves (no diffusers import)
 
 __version__ = "0.1.0"
 

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import inspect
 import logging
 import re
-import sys
 import warnings
 from typing import Any, Iterator, Protocol
 
@@ -177,7 +175,7 @@ class LoHaModel(nn.Module):
         self.active_adapter: str | list[str] = adapter_name
         self.targeted_module_names: list[str] = []
         self.inject_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
-        _guard_pipeline_saves()
+        _run_wrap_hooks()
 
     @classmethod
     def attach(cls, model: nn.Module) -> "LoHaModel":
@@ -206,7 +204,7 @@ class LoHaModel(nn.Module):
         active = next((layer.active_adapters for _, layer in self.loha_layers()), None)
         if active:
             self.active_adapter = active[0] if len(active) == 1 else list(active)
-        _guard_pipeline_saves()
+        _run_wrap_hooks()
         return self
 
     # ------------------------------------------------------------------ plumbing
@@ -744,62 +742,21 @@ def get_peft_model(
     return LoHaModel(model, _as_loha_config(config), adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
 
 
-# ---------------------------------------------------------------------- inside a diffusers pipeline
-def _wrapped_components(pipe: Any) -> list[tuple[str, str]]:
-    """(component name, wrapped class) of every pipeline component that is a LoHaModel."""
-    found = []
-    config = getattr(pipe, "config", None)
-    for name, entry in (dict(config) if isinstance(config, dict) else {}).items():
-        if name.startswith("_") or not isinstance(entry, (tuple, list)):
-            continue
-        comp = pipe.__dict__[name] if name in pipe.__dict__ else getattr(pipe, name, None)
-        comp = getattr(comp, "_orig_mod", comp)  # torch.compile's wrapper
-        if isinstance(comp, LoHaModel):
-            found.append((name, type(comp.model).__name__))
-    return found
+# ---------------------------------------------------------------------- wrap hooks
+#: Called (no arguments) whenever a LoHaModel wraps a model; integrations register theirs
+#: (:mod:`lohakit.integrations.diffusers` guards pipeline saves), so the engine knows no library.
+_WRAP_HOOKS: list[Any] = []
 
 
-def _refuse_wrapped_components(pipe: Any) -> None:
-    found = _wrapped_components(pipe)
-    if not found:
-        return
-    names = ", ".join(f"{n!r} (a LoHaModel wrapping {cls})" for n, cls in found)
-    first = found[0][0]
-    raise TypeError(
-        f"{type(pipe).__name__}.save_pretrained: component {names} is not a class diffusers can save and load back "
-        f"as a pipeline component; nothing was written. Either adapt the model in place so it keeps its class "
-        f"(pipe.{first} = lohakit.inject_adapter_in_model(config, base_model); pipe.save_pretrained(dir) then saves "
-        f"the pipeline with the base weights), or save the adapter alone: "
-        f"lohakit.diffusers.save_loha_weights(pipe, 'adapter.safetensors') (kohya/LyCORIS file) or "
-        f"pipe.{first}.save_pretrained(dir) (PEFT format)"
-    )
+def register_wrap_hook(hook: Any) -> None:
+    """Run ``hook()`` each time a :class:`LoHaModel` is created or attached (idempotent per hook)."""
+    if hook not in _WRAP_HOOKS:
+        _WRAP_HOOKS.append(hook)
 
 
-def _guard_pipeline_saves() -> None:
-    """Make ``DiffusionPipeline.save_pretrained`` refuse a pipeline holding a LoHaModel, before it writes.
-
-    diffusers saves a pipeline's components one by one (the VAE first) and looks at a
-    component only when its turn comes; a LoHaModel is no diffusers or transformers class, so
-    it would be skipped with a long warning, ``model_index.json`` would record it as
-    ``[null, null]``, and the saved pipeline would not load. Nothing the component exposes is
-    read before the first files are written, so the check has to sit in front of
-    ``save_pretrained`` itself: the method is wrapped once (only when diffusers is already
-    imported; nothing else changes), and the wrapper checks the components, then calls the
-    original.
-    """
-    utils = sys.modules.get("diffusers.pipelines.pipeline_utils")
-    pipeline_cls = getattr(utils, "DiffusionPipeline", None)
-    original = getattr(pipeline_cls, "__dict__", {}).get("save_pretrained")
-    if original is None or getattr(original, "_lohakit_guard", False):
-        return
-
-    @functools.wraps(original)
-    def save_pretrained(self: Any, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
-        _refuse_wrapped_components(self)
-        return original(self, save_directory, *args, **kwargs)
-
-    save_pretrained._lohakit_guard = True  # type: ignore[attr-defined]
-    pipeline_cls.save_pretrained = save_pretrained
+def _run_wrap_hooks() -> None:
+    for hook in _WRAP_HOOKS:
+        hook()
 
 
 # ---------------------------------------------------------------------- in-place injection

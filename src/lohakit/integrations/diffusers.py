@@ -19,13 +19,15 @@ diffusers itself is not imported here.
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 
-from ..core.model import LoHaModel, use_base_state_dict_keys
+from ..core.model import LoHaModel, register_wrap_hook, use_base_state_dict_keys
 from ..formats.families import Family, family_of_model, family_of_pipeline
 from ..formats.families.stable_diffusion import sgm_unet_names
 from ..formats.kohya import (
@@ -256,3 +258,64 @@ def save_loha_as_lora(
         errors.update({f"{dotted}{q}": e.rel_error for q, e in ex.items()})
     _write_kohya_file(sd, path, out_meta, extra)
     return errors
+
+
+# ---------------------------------------------------------------------- a LoHaModel inside a pipeline
+def _wrapped_components(pipe: Any) -> list[tuple[str, str]]:
+    """(component name, wrapped class) of every pipeline component that is a LoHaModel."""
+    found = []
+    config = getattr(pipe, "config", None)
+    for name, entry in (dict(config) if isinstance(config, dict) else {}).items():
+        if name.startswith("_") or not isinstance(entry, (tuple, list)):
+            continue
+        comp = pipe.__dict__[name] if name in pipe.__dict__ else getattr(pipe, name, None)
+        comp = getattr(comp, "_orig_mod", comp)  # torch.compile's wrapper
+        if isinstance(comp, LoHaModel):
+            found.append((name, type(comp.model).__name__))
+    return found
+
+
+def _refuse_wrapped_components(pipe: Any) -> None:
+    found = _wrapped_components(pipe)
+    if not found:
+        return
+    names = ", ".join(f"{n!r} (a LoHaModel wrapping {cls})" for n, cls in found)
+    first = found[0][0]
+    raise TypeError(
+        f"{type(pipe).__name__}.save_pretrained: component {names} is not a class diffusers can save and load back "
+        f"as a pipeline component; nothing was written. Either adapt the model in place so it keeps its class "
+        f"(pipe.{first} = lohakit.inject_adapter_in_model(config, base_model); pipe.save_pretrained(dir) then saves "
+        f"the pipeline with the base weights), or save the adapter alone: "
+        f"lohakit.diffusers.save_loha_weights(pipe, 'adapter.safetensors') (kohya/LyCORIS file) or "
+        f"pipe.{first}.save_pretrained(dir) (PEFT format)"
+    )
+
+
+def _guard_pipeline_saves() -> None:
+    """Make ``DiffusionPipeline.save_pretrained`` refuse a pipeline holding a LoHaModel, before it writes.
+
+    diffusers saves a pipeline's components one by one (the VAE first) and looks at a
+    component only when its turn comes; a LoHaModel is no diffusers or transformers class, so
+    it would be skipped with a long warning, ``model_index.json`` would record it as
+    ``[null, null]``, and the saved pipeline would not load. Nothing the component exposes is
+    read before the first files are written, so the check has to sit in front of
+    ``save_pretrained`` itself: the method is wrapped once (only when diffusers is already
+    imported; nothing else changes), and the wrapper checks the components, then calls the
+    original.
+    """
+    utils = sys.modules.get("diffusers.pipelines.pipeline_utils")
+    pipeline_cls = getattr(utils, "DiffusionPipeline", None)
+    original = getattr(pipeline_cls, "__dict__", {}).get("save_pretrained")
+    if original is None or getattr(original, "_lohakit_guard", False):
+        return
+
+    @functools.wraps(original)
+    def save_pretrained(self: Any, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        _refuse_wrapped_components(self)
+        return original(self, save_directory, *args, **kwargs)
+
+    save_pretrained._lohakit_guard = True  # type: ignore[attr-defined]
+    pipeline_cls.save_pretrained = save_pretrained
+
+
+register_wrap_hook(_guard_pipeline_saves)
