@@ -19,8 +19,8 @@ pytest.importorskip("sklearn")
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from lohakit.app import demo_diffusion as dd  # noqa: E402
-from lohakit.app.demo_diffusion import DiffusionDemoSettings, run_diffusion_demo  # noqa: E402
+from lohakit.app import demo_diffusion as dd
+from lohakit.app.demo_diffusion import DiffusionDemoSettings, run_diffusion_demo
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +35,9 @@ def test_digit_images_and_split(digits):
     s = DiffusionDemoSettings()
     split = dd.split_digits(labels, s)
     sets = {k: set(v.tolist()) for k, v in split.items()}
-    for a in sets:
-        for b in sets:
-            assert a == b or not sets[a] & sets[b]
+    for a, sa in sets.items():
+        for b, sb in sets.items():
+            assert a == b or not sa & sb
     assert set(labels[split["base_train"]].tolist()) == set(s.base_digits)
     assert set(labels[split["new_train"]].tolist()) == set(s.new_digits) == set(labels[split["new_eval"]].tolist())
     n_new = int(sum((labels == d).sum() for d in s.new_digits))

@@ -64,7 +64,11 @@ __all__ = [
     "generate_digits",
     "heldout_loss",
     "heldout_set",
+    "HeldOut",
     "objective_of",
+    "load_pipeline",
+    "load_or_build_base",
+    "to_pixels",
     "lora_rank_for",
     "write_sample_grid",
 ]
@@ -593,7 +597,7 @@ def load_or_build_base(cache_dir: Path, s: DiffusionDemoSettings, images: torch.
             if saved.get("recipe") == recipe:
                 load_pipeline(path)  # a damaged cache is rebuilt, never trusted
                 return path, {**saved["info"], "cached": True, "path": str(path)}
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any damage means: build again
             logger.warning("cached diffusion demo base at %s is unusable (%s); building it again", path, e)
     from .train_image import ImageTrainConfig, train_text_to_image
 
@@ -656,7 +660,7 @@ def _load_lora(unet: nn.Module, adapter_dir: Path) -> nn.Module:
     cfg = LoraConfig.from_pretrained(str(adapter_dir))
     sd = load_file(str(adapter_dir / "adapter_model.safetensors"))
     prefix = "base_model.model."
-    sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+    sd = {k.removeprefix(prefix): v for k, v in sd.items()}
     inject_adapter_in_model(cfg, unet)
     res = set_peft_model_state_dict(unet, sd)
     unexpected = list(getattr(res, "unexpected_keys", []) or [])
@@ -687,7 +691,7 @@ def _kohya_dtype(path: Path) -> torch.dtype:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        for k in f.keys():
+        for k in f.keys():  # noqa: SIM118 - safe_open is not a dict
             if "hada_" in k:
                 return f.get_tensor(k).dtype
     return torch.float32
@@ -863,7 +867,7 @@ def _run(s: DiffusionDemoSettings, output_dir: Path | None, cache_dir: Path | No
     except ImportError:
         peft_ok = False
     if with_lora and peft_ok:
-        lora_r, lora_expected = lora_rank_for(pipe.unet, UNET_TARGETS, trainable)
+        lora_r, _ = lora_rank_for(pipe.unet, UNET_TARGETS, trainable)
         lora_alpha = s.alpha * lora_r / s.rank  # the same alpha / r scale as LoHa
         lora_res, lora_secs = _train_adapter(
             s, base_dir, data_new, out / "lora", cache, s.seed + 1, s.lora_lr,
