@@ -762,7 +762,7 @@ def _run(s: DiffusionDemoSettings, output_dir: Path | None, cache_dir: Path | No
 
     t_start = time.perf_counter()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    quick = s == DiffusionDemoSettings.quick()
+    quick = dataclasses.replace(s, seed=0) == DiffusionDemoSettings.quick()
     out = Path(output_dir) if output_dir is not None else cache / (
         "diffusion-demo-output-quick" if quick else "diffusion-demo-output")
     out.mkdir(parents=True, exist_ok=True)
@@ -891,7 +891,7 @@ def _run(s: DiffusionDemoSettings, output_dir: Path | None, cache_dir: Path | No
              f"held-out loss {new_names} {loss_new_before:.4f} -> {ll_new:.4f} ({relative_change(loss_new_before, ll_new)}), "
              f"{min(s.base_digits)}-{max(s.base_digits)} {loss_base_before:.4f} -> {ll_base:.4f}")
     else:
-        echo("[3] PEFT LoRA comparison skipped" + (": peft is not installed" if not peft_ok else ""))
+        echo("[3] PEFT LoRA comparison skipped" + (": peft is not installed" if not peft_ok else " (with_lora=False)"))
 
     # ---- 4. checks: kohya reload, merged == unmerged
     probe = _unet_probe(pipe, s, s.seed + 5)
