@@ -428,3 +428,71 @@ def test_flux_text_encoder_namings(style):
         layer = getattr(pipe, attr).get_submodule(path)
         assert isinstance(layer, LoHaLayer), (attr, path)
         torch.testing.assert_close(layer.get_delta_weight("default"), d.float(), atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------ fuse at load: all or nothing
+def _scaled_file(tmp_path, sd1_file, factor: float) -> str:
+    from safetensors.torch import save_file
+
+    sd = load_file(sd1_file[0])
+    key = sorted(k for k in sd if k.endswith("hada_w1_a"))[-1]  # one module, late in the order
+    for k in (key, key.replace("hada_w1_a", "hada_w2_a")):  # finite factors, ΔW past float32's range
+        sd[k] = sd[k] * factor
+    path = str(tmp_path / "scaled.safetensors")
+    save_file(sd, path)
+    return path
+
+
+def test_fuse_refuses_non_finite_and_leaves_the_pipeline_as_it_was(sd1, sd1_file, tmp_path):
+    from lohakit.core.io import NonFiniteTensorError
+
+    pipe = copy.deepcopy(sd1)
+    before = state_of(pipe.unet, pipe.text_encoder)
+    hooks = (dict(pipe.unet._state_dict_hooks), dict(pipe.unet._load_state_dict_pre_hooks))
+    with pytest.raises(NonFiniteTensorError, match="nothing was loaded or fused"):
+        load_loha_weights(pipe, _scaled_file(tmp_path, sd1_file, 1e25), fuse=True)
+    assert same_state(state_of(pipe.unet, pipe.text_encoder), before)
+    assert (dict(pipe.unet._state_dict_hooks), dict(pipe.unet._load_state_dict_pre_hooks)) == hooks
+    assert not any(isinstance(m, LoHaLayer) for m in pipe.unet.modules())
+
+
+def test_fuse_interrupted_while_checking_rolls_back(sd1, sd1_file, monkeypatch):
+    pipe = copy.deepcopy(sd1)
+    before = state_of(pipe.unet, pipe.text_encoder)
+    calls = {"n": 0}
+    real = LoHaLayer.merged_weight
+
+    def interrupting(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(LoHaLayer, "merged_weight", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        load_loha_weights(pipe, sd1_file[0], fuse=True)
+    assert same_state(state_of(pipe.unet, pipe.text_encoder), before)
+    assert not any(isinstance(m, LoHaLayer) for m in pipe.unet.modules())
+
+
+def test_ctrl_c_while_writing_the_fused_weights_finishes_them_first(sd1, sd1_file, monkeypatch):
+    import os
+    import signal
+
+    ref = copy.deepcopy(sd1)
+    load_loha_weights(ref, sd1_file[0], fuse=True)
+    pipe = copy.deepcopy(sd1)
+    real = LoHaLayer.merge
+    sent = {"done": False}
+
+    def signalling(self, *a, **k):
+        if not sent["done"]:
+            sent["done"] = True
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arrives in the middle of the writes
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(LoHaLayer, "merge", signalling)
+    with pytest.raises(KeyboardInterrupt):
+        load_loha_weights(pipe, sd1_file[0], fuse=True)
+    _assert_outputs(pipe_outputs(pipe), pipe_outputs(ref))  # every layer fused, none twice
+    assert all(layer.merged_adapters == ["default"] for layer in pipe.unet.modules() if isinstance(layer, LoHaLayer))

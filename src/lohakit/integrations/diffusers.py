@@ -27,7 +27,9 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from ..core.io import NonFiniteTensorError
 from ..core.model import LoHaModel, register_wrap_hook, use_base_state_dict_keys
+from ..formats.peft import _deferred_interrupts, _Rollback
 from ..formats.families import Family, family_of_model, family_of_pipeline
 from ..formats.families.stable_diffusion import sgm_unet_names
 from ..formats.kohya import (
@@ -132,19 +134,38 @@ def load_loha_weights(
     """
     models, tables, _ = pipeline_models(pipe)
     sd, metadata, label = read_kohya_file(path)
+    rollbacks = [_Rollback(m) for m in models.values()] if fuse else []
     report = load_kohya(
         sd, models, multiplier=scale, adapter_name=adapter_name, strict=strict,
         tucker_t1_for_both=tucker_t1_for_both, name_tables=tables, source=label,
     )
     report.metadata = metadata
-    for model in models.values():
-        if not isinstance(model, LoHaModel):  # a LoHaModel's own state_dict speaks PEFT's keys
-            use_base_state_dict_keys(model)
-    if fuse:
-        for _, _, layer in _loha_layers(models):
-            if adapter_name in layer.hada_w1_a:
+    layers = [(f"{prefix}:{path}", layer) for prefix, path, layer in _loha_layers(models) if adapter_name in layer.hada_w1_a]
+    try:
+        for model in models.values():
+            if not isinstance(model, LoHaModel):  # a LoHaModel's own state_dict speaks PEFT's keys
+                use_base_state_dict_keys(model)
+        if fuse:
+            _check_fusable(layers, adapter_name, label)
+    except BaseException:
+        for rb in rollbacks:  # the load and the fuse as one: the pipeline as it was, bit for bit
+            rb.restore()
+        raise
+    if fuse:  # every merged weight checked: write them all, a Ctrl-C meanwhile held until the last
+        with _deferred_interrupts():
+            for _, layer in layers:
                 layer.merge(adapter_names=[adapter_name])
     return report
+
+
+def _check_fusable(layers: list[tuple[str, Any]], adapter_name: str, source: str) -> None:
+    """Compute every merged weight W + ΔW on a copy; a non-finite one raises naming its module."""
+    for name, layer in layers:
+        try:
+            layer.merged_weight([adapter_name])  # computed on a copy, checked, dropped
+        except ValueError:
+            raise NonFiniteTensorError(f"{source}: fusing module {name} would write NaN or inf into its weight; nothing was "
+                                       "loaded or fused (load it without fuse to inspect it)") from None
 
 
 def set_loha_scale(pipe: Any, scale: float, adapter_name: str = "default") -> None:
