@@ -13,6 +13,7 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m lohakit demo
+	$(PY) -m lohakit demo diffusion
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
