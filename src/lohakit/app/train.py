@@ -34,8 +34,6 @@ import os
 import random
 import re
 import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,8 +44,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.config import LoHaConfig
-from ..core.io import atomic_write_bytes, load_state_dict, save_state_dict
+from ..core.io import load_state_dict, save_state_dict
 from ..core.model import LoHaModel
+from .runs import (
+    atomic_write_text as _atomic_write_text, check_fields, config_from_dict, find_last_checkpoint, interrupt_flag,
+    is_checkpoint_name, is_int, is_num, metrics_log, progress_bar, read_trainer_state, resolve_resume,
+)
 from .textdata import CausalLMData, ClassificationData, check_readable, load_tokenizer, read_records
 
 logger = logging.getLogger(__name__)
@@ -139,15 +141,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "train config") -> "TrainConfig":
         """Build from a mapping; an unknown key raises ``ValueError`` listing the valid keys."""
-        if not isinstance(data, dict):
-            raise ValueError(f"{source} must be a mapping of keys to values, got {type(data).__name__}")
-        data = {k.replace("-", "_"): v for k, v in data.items()}
-        unknown = sorted(k for k in data if k not in cls.field_names())
-        if unknown:
-            raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys are {sorted(cls.field_names())}")
-        cfg = cls(**data)
-        cfg.validate(source)
-        return cfg
+        return config_from_dict(cls, data, source)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -179,18 +173,10 @@ class TrainConfig:
             "resume": (lambda v: isinstance(v, (bool, str)), "true/false or a checkpoint directory"),
             "fsdp": (lambda v: isinstance(v, bool), "true or false"),
         }
-        for name, (ok, expected) in checks.items():
-            v = getattr(self, name)
-            if not ok(v):
-                raise ValueError(f"{source}: '{name}' must be {expected}, got {v!r}")
+        check_fields(self, checks, source)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+_is_int, _is_num = is_int, is_num
 
 
 # ------------------------------------------------------------------------------------------
@@ -371,18 +357,6 @@ def base_fingerprint(model: nn.Module) -> str:
 # ------------------------------------------------------------------------------------------
 # Checkpoints
 # ------------------------------------------------------------------------------------------
-_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-def find_last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The complete ``checkpoint-<step>`` with the highest step in ``output_dir``, or None."""
-    d = Path(output_dir)
-    if not d.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _CKPT_RE.match(p.name)) and (p / "trainer_state.json").is_file()]
-    return max(found)[1] if found else None
-
-
 def _optimizer_to_files(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split an optimizer state_dict into tensors (for safetensors) and JSON metadata."""
     tensors: dict[str, torch.Tensor] = {}
@@ -480,10 +454,6 @@ def _params_digest(params: list[torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(text.encode("utf-8"), path)
-
-
 # ------------------------------------------------------------------------------------------
 # Loss
 # ------------------------------------------------------------------------------------------
@@ -540,27 +510,10 @@ def _check_output_dir(out: Path, overwrite: bool) -> None:
 def _clear_artefacts(out: Path) -> None:
     """Remove only the files lohakit train writes (``--overwrite``); anything else stays."""
     for p in out.iterdir():
-        if _CKPT_RE.match(p.name) or p.name.startswith(".checkpoint-"):
+        if is_checkpoint_name(p.name):
             shutil.rmtree(p)
         elif p.name in _ARTEFACTS:
             p.unlink()
-
-
-def _resolve_resume(cfg: TrainConfig, out: Path) -> Path | None:
-    if cfg.resume is False or cfg.resume == "":
-        return None
-    if cfg.resume is True:
-        ckpt = find_last_checkpoint(out)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume: no checkpoint found in output directory {str(out)!r}")
-        return ckpt
-    p = Path(cfg.resume)
-    if not (p / "trainer_state.json").is_file():
-        last = find_last_checkpoint(p)
-        if last is None:
-            raise FileNotFoundError(f"--resume {str(p)!r}: not a lohakit checkpoint (no trainer_state.json) and no checkpoint inside")
-        p = last
-    return p
 
 
 def _default_mixed_precision(choice: str, cpu: bool) -> str:
@@ -669,23 +622,12 @@ def train(
     model_cfg = model_dir_config(cfg.model)  # type: ignore[arg-type]
     if model_cfg is not None:
         _check_seq_len(cfg.seq_len, model_cfg, f"{cfg.model}/config.json")
-    resume_dir = _resolve_resume(cfg, out)
+    resume_dir = resolve_resume(cfg.resume, out)
     if resume_dir is None:
         _check_output_dir(out, cfg.overwrite)
     state: dict[str, Any] | None = None
     if resume_dir is not None:
-        try:
-            state = json.loads((resume_dir / "trainer_state.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"checkpoint {str(resume_dir)!r}: trainer_state.json cannot be read ({e})") from None
-        done = state.get("step") if isinstance(state, dict) else None
-        if not _is_int(done):
-            raise ValueError(f"checkpoint {str(resume_dir)!r}: trainer_state.json has no step")
-        if cfg.max_steps <= done:
-            raise ValueError(
-                f"--max-steps {cfg.max_steps} is not above the step of {resume_dir.name} ({done}): nothing left to train; "
-                f"give --max-steps {done + 1} or more to continue"
-            )
+        state = read_trainer_state(resume_dir, cfg.max_steps)
     eos = model_cfg.get("eos_token_id") if model_cfg else None
     tok = load_tokenizer(cfg.model if model_cfg is not None else None, eos_id=eos if isinstance(eos, int) else None)
     data = _build_data(cfg, tok)
@@ -766,20 +708,7 @@ def train(
             if rank < len(rngs):
                 _set_rng_state(rngs[rank])
 
-        metrics: list[dict[str, Any]] = []
-        metrics_path = out / "metrics.jsonl"
-        if main and metrics_path.is_file():
-            for line in metrics_path.read_text(encoding="utf-8").splitlines():
-                with_step = json.loads(line) if line.strip() else None
-                if with_step is not None and with_step.get("step", 0) <= start_step:
-                    metrics.append(with_step)
-            _atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
-
-        def log(rec: dict[str, Any]) -> None:
-            metrics.append(rec)
-            if main:
-                with metrics_path.open("a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(rec) + "\n")
+        metrics, log = metrics_log(out, start_step, main)
 
         def evaluate(step: int) -> dict[str, Any]:
             model.eval()
@@ -863,25 +792,9 @@ def train(
                 say(_eval_line(first))
 
         # ---------------------------------------------------------------- loop
-        stop = {"flag": False}
-        old_handler = None
-
-        def on_sigint(signum: int, frame: Any) -> None:
-            stop["flag"] = True
-            signal.signal(signal.SIGINT, old_handler if old_handler is not None else signal.default_int_handler)
-
-        if threading.current_thread() is threading.main_thread():
-            old_handler = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, on_sigint)
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:  # pragma: no cover
-            tqdm = None  # type: ignore[assignment]
-        bar = (
-            tqdm(total=cfg.max_steps, initial=start_step, desc="train", disable=not (main and cfg.progress), dynamic_ncols=True)
-            if tqdm is not None
-            else None
-        )
+        interrupts = contextlib.ExitStack()
+        stop = interrupts.enter_context(interrupt_flag())  # Ctrl-C: checkpoint, then stop
+        bar = progress_bar(cfg.max_steps, start_step, main and cfg.progress)
         model.train()
         step = start_step
         last_loss = float("nan")
@@ -933,7 +846,7 @@ def train(
                         bar.write(_eval_line(last_eval))
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                     last_ckpt = save_checkpoint(step, "periodic")
-                want = stop["flag"] or (should_stop is not None and should_stop(step))
+                want = stop["stop"] or (should_stop is not None and should_stop(step))
                 if world > 1:
                     flag = acc.reduce(torch.tensor(float(want), device=acc.device), reduction="sum")
                     want = bool(flag > 0)
@@ -958,8 +871,7 @@ def train(
         finally:
             if bar is not None:
                 bar.close()
-            if old_handler is not None:
-                signal.signal(signal.SIGINT, old_handler)
+            interrupts.close()
             if world == 1:  # leave no accelerate singleton (mixed precision, cpu) behind for the caller
                 from accelerate.state import AcceleratorState
 

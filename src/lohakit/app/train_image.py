@@ -32,6 +32,7 @@ as it was.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -39,8 +40,6 @@ import logging
 import math
 import os
 import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,10 +53,13 @@ from ..core.io import load_state_dict, save_state_dict
 from ..core.model import LoHaModel, inject_adapter_in_model
 from .imagedata import ImageBatches, load_pixels, make_buckets, process_caption, scan_images, tag_frequencies
 from .objectives import FAMILY_DEFAULT_TARGETS, TEXT_ENCODER_TARGETS, TIMESTEP_SAMPLING, UNET_CONV_TARGETS, Objective, objective_for
+from .runs import (
+    atomic_write_text, check_fields, config_from_dict, find_last_checkpoint, interrupt_flag, is_checkpoint_name, is_int,
+    is_num, metrics_log, progress_bar, read_trainer_state, resolve_resume,
+)
 from .train import (
-    MIXED_PRECISION, SCHEDULERS, TrainInterrupted, _atomic_write_text, _is_int, _is_num, _jsonable, _lr_lambda,
-    _make_accelerator, _optimizer_from_files, _optimizer_to_files, _params_digest, _plot, _rng_state, _set_rng_state, base_fingerprint,
-    find_last_checkpoint,
+    MIXED_PRECISION, SCHEDULERS, TrainInterrupted, _jsonable, _lr_lambda, _make_accelerator, _optimizer_from_files,
+    _optimizer_to_files, _params_digest, _plot, _rng_state, _set_rng_state, base_fingerprint,
 )
 
 logger = logging.getLogger(__name__)
@@ -161,15 +163,7 @@ class ImageTrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "train config") -> "ImageTrainConfig":
         """Build from a mapping; an unknown key raises ``ValueError`` listing the valid keys."""
-        if not isinstance(data, dict):
-            raise ValueError(f"{source} must be a mapping of keys to values, got {type(data).__name__}")
-        data = {k.replace("-", "_"): v for k, v in data.items()}
-        unknown = sorted(k for k in data if k not in cls.field_names())
-        if unknown:
-            raise ValueError(f"{source}: unknown key(s) {unknown} for task text-to-image; valid keys are {sorted(cls.field_names())}")
-        cfg = cls(**data)
-        cfg.validate(source)
-        return cfg
+        return config_from_dict(cls, data, source, context=" for task text-to-image")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -179,8 +173,8 @@ class ImageTrainConfig:
         for name in ("model", "data", "output_dir"):
             if not getattr(self, name):
                 raise ValueError(f"{source}: '{name}' is required")
-        pos_int = (lambda v: _is_int(v) and v >= 1, "an int >= 1")
-        nonneg_int = (lambda v: _is_int(v) and v >= 0, "an int >= 0")
+        pos_int = (lambda v: is_int(v) and v >= 1, "an int >= 1")
+        nonneg_int = (lambda v: is_int(v) and v >= 0, "an int >= 0")
         checks: dict[str, tuple[Callable[[Any], bool], str]] = {
             "task": (lambda v: v == "text-to-image", "'text-to-image'"),
             "adapter": (lambda v: v in ADAPTERS, f"one of {list(ADAPTERS)}"),
@@ -193,19 +187,19 @@ class ImageTrainConfig:
             "resolution": pos_int, "batch_size": pos_int, "grad_accum": pos_int, "max_steps": pos_int,
             "sample_steps": pos_int, "warmup_steps": nonneg_int, "save_every": nonneg_int,
             "sample_every": nonneg_int, "keep_tokens": nonneg_int,
-            "seed": (_is_int, "an int"), "sample_seed": (_is_int, "an int"),
-            "lr": (lambda v: _is_num(v) and v > 0, "a positive number"),
-            "text_encoder_lr": (lambda v: v is None or (_is_num(v) and v > 0), "a positive number or null"),
-            "weight_decay": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
-            "max_grad_norm": (lambda v: _is_num(v) and v >= 0, "a number >= 0 (0: no clipping)"),
-            "caption_dropout": (lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]"),
-            "noise_offset": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
-            "min_snr_gamma": (lambda v: v is None or (_is_num(v) and v > 0), "a positive number or null"),
-            "ema_decay": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1) (0: no EMA)"),
-            "guidance_scale": (lambda v: _is_num(v), "a number"),
-            "max_sequence_length": (lambda v: v is None or (_is_int(v) and v >= 1), "an int >= 1 or null"),
-            "conv_r": (lambda v: v is None or (_is_int(v) and v >= 1), "an int >= 1 or null"),
-            "conv_alpha": (lambda v: v is None or _is_num(v), "a number or null"),
+            "seed": (is_int, "an int"), "sample_seed": (is_int, "an int"),
+            "lr": (lambda v: is_num(v) and v > 0, "a positive number"),
+            "text_encoder_lr": (lambda v: v is None or (is_num(v) and v > 0), "a positive number or null"),
+            "weight_decay": (lambda v: is_num(v) and v >= 0, "a number >= 0"),
+            "max_grad_norm": (lambda v: is_num(v) and v >= 0, "a number >= 0 (0: no clipping)"),
+            "caption_dropout": (lambda v: is_num(v) and 0 <= v <= 1, "a number in [0, 1]"),
+            "noise_offset": (lambda v: is_num(v) and v >= 0, "a number >= 0"),
+            "min_snr_gamma": (lambda v: v is None or (is_num(v) and v > 0), "a positive number or null"),
+            "ema_decay": (lambda v: is_num(v) and 0 <= v < 1, "a number in [0, 1) (0: no EMA)"),
+            "guidance_scale": (lambda v: is_num(v), "a number"),
+            "max_sequence_length": (lambda v: v is None or (is_int(v) and v >= 1), "an int >= 1 or null"),
+            "conv_r": (lambda v: v is None or (is_int(v) and v >= 1), "an int >= 1 or null"),
+            "conv_alpha": (lambda v: v is None or is_num(v), "a number or null"),
             "loha": (lambda v: isinstance(v, dict), "a mapping of LoHaConfig fields"),
             "lora": (lambda v: isinstance(v, dict), "a mapping of peft LoraConfig fields"),
             "resume": (lambda v: isinstance(v, (bool, str)), "true/false or a checkpoint directory"),
@@ -215,10 +209,7 @@ class ImageTrainConfig:
         for name in ("full_finetune", "skip_bad_images", "random_flip", "shuffle_caption", "train_text_encoder",
                      "train_convs", "use_effective_conv2d", "gradient_checkpointing", "cpu", "overwrite", "progress"):
             checks[name] = (lambda v: isinstance(v, bool), "true or false")
-        for name, (ok, expected) in checks.items():
-            v = getattr(self, name)
-            if not ok(v):
-                raise ValueError(f"{source}: '{name}' must be {expected}, got {v!r}")
+        check_fields(self, checks, source)
         if self.full_finetune and (self.resume or self.train_text_encoder):
             raise ValueError(f"{source}: 'full_finetune' trains the denoiser only and cannot resume")
 
@@ -433,7 +424,7 @@ def _clear_artefacts(out: Path, cfg: ImageTrainConfig) -> None:
     names = set(_TOP_FILES) | {f"{cfg.output_name}.safetensors", "samples", "pipeline",
                                "unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"}
     for p in out.iterdir():
-        if p.name.startswith(("checkpoint-", ".checkpoint-")) or p.name in names:
+        if is_checkpoint_name(p.name) or p.name in names:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
@@ -477,7 +468,7 @@ def train_text_to_image(
     prompts = read_prompts(cfg.sample_prompts) if cfg.sample_prompts else []
     items, scan = scan_images(cfg.data, caption_ext=cfg.caption_ext, missing_caption=cfg.missing_caption,
                               skip_bad_images=cfg.skip_bad_images)
-    resume_dir = _resolve_resume(cfg, out)
+    resume_dir = resolve_resume(cfg.resume, out)
     if resume_dir is None:
         if out.exists() and not out.is_dir():
             raise FileExistsError(f"output directory {str(out)!r} exists and is a file")
@@ -596,9 +587,9 @@ def train_text_to_image(
             if resume_dir is None and out.is_dir() and cfg.overwrite:
                 _clear_artefacts(out, cfg)
             out.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=2, default=str))
+            atomic_write_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=2, default=str))
         acc.wait_for_everyone()
-        metrics, log = _metrics_log(out, start_step, main)
+        metrics, log = metrics_log(out, start_step, main)
 
         def ema_swap() -> None:
             """Exchange the live weights with the EMA copy (twice = back)."""
@@ -678,22 +669,9 @@ def train_text_to_image(
         if start_step == 0 and cfg.sample_every:
             sample(0)
 
-        stop = {"flag": False}
-        old_handler = None
-
-        def on_sigint(signum: int, frame: Any) -> None:
-            stop["flag"] = True
-            signal.signal(signal.SIGINT, old_handler if old_handler is not None else signal.default_int_handler)
-
-        if threading.current_thread() is threading.main_thread():
-            old_handler = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, on_sigint)
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:  # pragma: no cover
-            tqdm = None  # type: ignore[assignment]
-        bar = (tqdm(total=cfg.max_steps, initial=start_step, desc="train", disable=not (main and cfg.progress), dynamic_ncols=True)
-               if tqdm is not None else None)
+        interrupts = contextlib.ExitStack()
+        stop = interrupts.enter_context(interrupt_flag())  # Ctrl-C: checkpoint, then stop
+        bar = progress_bar(cfg.max_steps, start_step, main and cfg.progress)
         for m in trained.values():
             m.train()
         step, last_loss, last_ckpt = start_step, float("nan"), None
@@ -746,7 +724,7 @@ def train_text_to_image(
                     sample(step)
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps and not cfg.full_finetune:
                     last_ckpt = save_checkpoint(step, "periodic")
-                want = stop["flag"] or (should_stop is not None and should_stop(step))
+                want = stop["stop"] or (should_stop is not None and should_stop(step))
                 if world > 1:
                     want = bool(acc.reduce(torch.tensor(float(want), device=dev), reduction="sum") > 0)
                 if want and step < cfg.max_steps:
@@ -774,8 +752,7 @@ def train_text_to_image(
         finally:
             if bar is not None:
                 bar.close()
-            if old_handler is not None:
-                signal.signal(signal.SIGINT, old_handler)
+            interrupts.close()
             if world == 1:
                 from accelerate.state import AcceleratorState
 
@@ -832,34 +809,8 @@ def _make_optimizer(cfg: ImageTrainConfig, groups: list[dict[str, Any]]) -> torc
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _resolve_resume(cfg: ImageTrainConfig, out: Path) -> Path | None:
-    if cfg.resume is False or cfg.resume == "":
-        return None
-    if cfg.resume is True:
-        ckpt = find_last_checkpoint(out)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume: no checkpoint found in output directory {str(out)!r}")
-        return ckpt
-    p = Path(cfg.resume)
-    if not (p / "trainer_state.json").is_file():
-        last = find_last_checkpoint(p)
-        if last is None:
-            raise FileNotFoundError(f"--resume {str(p)!r}: not a lohakit checkpoint (no trainer_state.json) and no checkpoint inside")
-        p = last
-    return p
-
-
 def _read_state(resume_dir: Path, cfg: ImageTrainConfig) -> dict[str, Any]:
-    try:
-        state = json.loads((resume_dir / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"checkpoint {str(resume_dir)!r}: trainer_state.json cannot be read ({e})") from None
-    done = state.get("step") if isinstance(state, dict) else None
-    if not _is_int(done):
-        raise ValueError(f"checkpoint {str(resume_dir)!r}: trainer_state.json has no step")
-    if cfg.max_steps <= done:
-        raise ValueError(f"--max-steps {cfg.max_steps} is not above the step of {resume_dir.name} ({done}): nothing left to "
-                         f"train; give --max-steps {done + 1} or more to continue")
+    state = read_trainer_state(resume_dir, cfg.max_steps)
     if not (resume_dir / "params.safetensors").is_file():
         raise ValueError(f"checkpoint {str(resume_dir)!r} has no params.safetensors (not a text-to-image checkpoint)")
     return state
@@ -874,25 +825,6 @@ def _load_adapter_tensors(resume_dir: Path, trained: dict[str, nn.Module]) -> No
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(saved[str(i)])
-
-
-def _metrics_log(out: Path, start_step: int, main: bool) -> tuple[list[dict[str, Any]], Callable[[dict[str, Any]], None]]:
-    metrics: list[dict[str, Any]] = []
-    path = out / "metrics.jsonl"
-    if main and path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            rec = json.loads(line) if line.strip() else None
-            if rec is not None and rec.get("step", 0) <= start_step:
-                metrics.append(rec)
-        _atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in metrics))
-
-    def log(rec: dict[str, Any]) -> None:
-        metrics.append(rec)
-        if main:
-            with path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(rec) + "\n")
-
-    return metrics, log
 
 
 def _kohya_metadata(cfg: ImageTrainConfig, info: PipelineInfo, step: int, scan: Any, items: Sequence[Any], buckets: Any) -> dict[str, str]:
