@@ -173,6 +173,15 @@ def test_cache_reused_and_invalidated(pipes, tmp_path):
     other = make_pipeline_dir("sd1", tmp_path / "other", seed=5)
     r4 = train_text_to_image(_cfg(other, data, tmp_path / "d", max_steps=1, cache_dir=str(cache)))
     assert r4["cache"]["latents"] == (0, 3) and r4["cache"]["text"] == (0, 3)
+    # shuffled captions are encoded per step, not cached: the cache holds the captions as written
+    tags = make_image_folder(tmp_path / "tags", n=3)
+    for i, txt in enumerate(sorted(tags.glob("*.txt"))):
+        txt.write_text(f"tag{i}, red, small, thing, photo")
+    entries = len(list((cache / "text").iterdir()))
+    r_shuf = train_text_to_image(_cfg(pipes["sd1"], tags, tmp_path / "s", max_steps=4, cache_dir=str(cache), shuffle_caption=True,
+                                      caption_dropout=0.2))
+    assert r_shuf["cache"]["text"] == (0, 4)  # the 3 captions as written and ""
+    assert len(list((cache / "text").iterdir())) == entries + 4
     # text outputs are not cached when the text encoder trains
     r5 = train_text_to_image(_cfg(pipes["sd1"], data, tmp_path / "e", max_steps=1, cache_dir=str(cache), train_text_encoder=True))
     assert r5["cache"]["text"] is None
@@ -210,6 +219,9 @@ def _bad_cases(tmp: Path, pipes: dict[str, Path], images: Path) -> dict[str, tup
         "sample prompts": (_cli(pipes["sd1"], images, out, "--sample-prompts", str(tmp / "nope.txt")), "nope.txt"),
         "not a pipeline": (_cli(images, images, out), "model_index.json"),
         "text flag on image task": (_cli(pipes["sd1"], images, out, "--seq-len", "8"), "seq_len"),
+        "UNet option on a DiT": (_cli(pipes["flux"], images, out, "--resolution", "32", "--min-snr-gamma", "5"), "--min-snr-gamma"),
+        "guidance on SD3": (_cli(pipes["sd3"], images, out, "--guidance-scale", "3"), "--guidance-scale"),
+        "conv rank without convs": (_cli(pipes["sd1"], images, out, "--conv-r", "4"), "train_convs"),
         "image flag on text task": (["train", "--model", str(pipes["sd1"]), "--data", str(images), "--output-dir", str(out),
                                      "--resolution", "32"], "--resolution"),
     }
@@ -228,9 +240,17 @@ def test_bad_image_skipped_and_missing_caption_modes(pipes, tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", n=2)
     make_truncated_image(data / "broken.png")
     make_uncaptioned_image(data)
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning) as got:
         assert main(_cli(pipes["sd1"], data, tmp_path / "o1", "--skip-bad-images", "--missing-caption", "warn")) == 0
+    texts = [str(w.message) for w in got]
+    assert any("skipped 1 unreadable image" in t and "broken.png" in t for t in texts)
+    assert any("1 image" in t and "caption" in t for t in texts), texts  # one warning, with the count
+    assert "3 images" in capsys.readouterr().out  # 2 + the uncaptioned one; the broken one skipped
     assert main(_cli(pipes["sd1"], data, tmp_path / "o2", "--skip-bad-images", "--missing-caption", "folder")) == 0
+    from lohakit.formats.kohya import read_kohya_file
+
+    freq = json.loads(read_kohya_file(str(tmp_path / "o2" / "loha.safetensors"))[1]["ss_tag_frequency"])
+    assert freq["data"].get("data") == 1  # the uncaptioned image took its folder's name
 
 
 def test_samples_text_encoder_convs_and_ema(pipes, images, tmp_path):
@@ -263,6 +283,28 @@ def test_samples_text_encoder_convs_and_ema(pipes, images, tmp_path):
     ck = out / "checkpoint-2"
     live, ema = load_file(str(ck / "params.safetensors")), load_file(str(ck / "ema.safetensors"))
     assert any(not torch.equal(live[k], ema[k]) for k in live)
+    saved = [t for n, t in m.named_parameters() if "hada_" in n]  # the final unet/ adapter, in training order
+    assert len(saved) < len(ema)  # the text encoder's follow
+    assert all(torch.equal(t.detach(), ema[str(i)]) for i, t in enumerate(saved))
+    # the text encoder's adapter learned: its output moved away from the base's
+    base_te = _fresh(pipes["sd1"]).text_encoder
+    te = LoHaModel.from_pretrained(_fresh(pipes["sd1"]).text_encoder, str(out / "text_encoder"))
+    ids = torch.tensor([[0, 5, 6, 7, 1]])
+    with torch.no_grad():
+        assert not torch.allclose(te(ids)[0], base_te(ids)[0])
+
+
+def test_bf16_checkpointing_accumulation_cosine(pipes, images, tmp_path):
+    from lohakit import LoHaModel
+
+    res = train_text_to_image(_cfg(pipes["sdxl"], images, tmp_path / "out", mixed_precision="bf16", gradient_checkpointing=True,
+                                   grad_accum=2, lr_scheduler="cosine", warmup_steps=1, max_steps=2))
+    losses = _losses(tmp_path / "out")
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines())]
+    assert lrs[0] > lrs[1]  # cosine decay after the warm-up step
+    m = LoHaModel.from_pretrained(_fresh(pipes["sdxl"]).unet, res["adapters"]["unet"])
+    assert {t.dtype for n, t in m.named_parameters() if "hada_" in n} == {torch.float32}  # the adapter trained in float32
 
 
 def test_config_file_and_kohya_repeat_folders(pipes, tmp_path, capsys):

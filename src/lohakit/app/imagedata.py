@@ -477,6 +477,18 @@ def _to_rgb(im: Any) -> Any:
     return im.convert("RGB")
 
 
+def cover_and_crop(width: int, height: int, bucket: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """How :func:`load_pixels` fits an image to a bucket: ``((resized w, h), (crop left, top))``.
+
+    The image is scaled (aspect kept) to the smallest size covering the bucket, then center
+    cropped; SDXL's ``crops_coords_top_left`` conditioning is the ``(top, left)`` of that crop.
+    """
+    bw, bh = bucket
+    scale = max(bw / width, bh / height)
+    nw, nh = max(bw, round(width * scale)), max(bh, round(height * scale))
+    return (nw, nh), ((nw - bw) // 2, (nh - bh) // 2)
+
+
 def load_pixels(path: str | os.PathLike, bucket: tuple[int, int], flip: bool = False) -> torch.Tensor:
     """The image as a float32 (3, H, W) tensor in [-1, 1] filling ``bucket = (W, H)``.
 
@@ -501,12 +513,9 @@ def load_pixels(path: str | os.PathLike, bucket: tuple[int, int], flip: bool = F
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
             im = _to_rgb(im)
-            w, h = im.size
-            scale = max(bw / w, bh / h)
-            nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
-            if (nw, nh) != (w, h):
+            (nw, nh), (left, top) = cover_and_crop(im.size[0], im.size[1], (bw, bh))
+            if (nw, nh) != im.size:
                 im = im.resize((nw, nh), resample=Image.Resampling.LANCZOS)
-            left, top = (nw - bw) // 2, (nh - bh) // 2
             im = im.crop((left, top, left + bw, top + bh))
             data = bytearray(im.tobytes())
     except ImageDataError:

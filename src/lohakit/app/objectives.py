@@ -88,7 +88,7 @@ class Objective:
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
     timestep_sampling: str = "logit_normal"
-    guidance_scale: float = 3.5
+    guidance_scale: float | None = None
     max_sequence_length: int | None = None
 
     # ------------------------------------------------------------------ conditioning
@@ -127,11 +127,18 @@ class Objective:
         return {"encoder_hidden_states": emb, "pooled": pooled}
 
     # ------------------------------------------------------------------ loss
-    def loss(self, denoiser: nn.Module, latents: torch.Tensor, cond: dict[str, torch.Tensor], seeds: Sequence[int]) -> torch.Tensor:
-        """Per-sample loss ``(B,)`` of ``denoiser`` on ``latents`` with the draws of ``seeds``."""
+    def loss(
+        self, denoiser: nn.Module, latents: torch.Tensor, cond: dict[str, torch.Tensor], seeds: Sequence[int],
+        time_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-sample loss ``(B,)`` of ``denoiser`` on ``latents`` with the draws of ``seeds``.
+
+        ``time_ids`` (SDXL): ``(B, 6)`` = original (h, w), crop (top, left), target (h, w) in
+        pixels; default: the latents' own size, uncropped.
+        """
         if self.kind == "flow":
             return self._flow_loss(denoiser, latents, cond, seeds)
-        return self._ddpm_loss(denoiser, latents, cond, seeds)
+        return self._ddpm_loss(denoiser, latents, cond, seeds, time_ids)
 
     def _train_scheduler(self) -> Any:
         sched = self.__dict__.get("_ddpm")
@@ -142,7 +149,9 @@ class Objective:
             self.__dict__["_ddpm"] = sched
         return sched
 
-    def _ddpm_loss(self, unet: nn.Module, x0: torch.Tensor, cond: dict[str, torch.Tensor], seeds: Sequence[int]) -> torch.Tensor:
+    def _ddpm_loss(
+        self, unet: nn.Module, x0: torch.Tensor, cond: dict[str, torch.Tensor], seeds: Sequence[int], time_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
         sched = self._train_scheduler()
         dev, b = x0.device, x0.shape[0]
         n_t = int(sched.config.num_train_timesteps)
@@ -154,9 +163,10 @@ class Objective:
         noisy = sched.add_noise(x0, noise, t)
         kwargs: dict[str, Any] = {"encoder_hidden_states": cond["encoder_hidden_states"]}
         if self.family == "sdxl":
-            h, w = x0.shape[-2] * self.factor, x0.shape[-1] * self.factor
-            time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=dev, dtype=x0.dtype).expand(b, 6)
-            kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled"], "time_ids": time_ids}
+            if time_ids is None:
+                h, w = x0.shape[-2] * self.factor, x0.shape[-1] * self.factor
+                time_ids = torch.tensor([[h, w, 0, 0, h, w]]).expand(b, 6)
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled"], "time_ids": time_ids.to(dev, x0.dtype)}
         pred = unet(noisy, t, return_dict=False, **kwargs)[0]
         if self.kind == "epsilon":
             target = noise
@@ -166,10 +176,11 @@ class Objective:
             target = x0
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
         if self.min_snr_gamma:
+            # Min-SNR-γ (Hang et al. 2023): min(SNR, γ) on the x₀ loss, i.e. /SNR for ε, /(SNR + 1) for v
             ac = sched.alphas_cumprod.to(dev)[t].float()
-            snr = ac / (1 - ac)
-            w = torch.clamp(snr, max=self.min_snr_gamma) / (snr + 1 if self.kind == "v_prediction" else snr)
-            loss = loss * w
+            snr = (ac / (1 - ac).clamp_min(1e-12)).clamp_min(1e-12)
+            w = torch.clamp(snr, max=self.min_snr_gamma)
+            loss = loss * {"epsilon": w / snr, "v_prediction": w / (snr + 1), "sample": w}[self.kind]
         return loss
 
     def sigmas(self, seeds: Sequence[int], image_seq_len: int) -> torch.Tensor:
@@ -179,7 +190,11 @@ class Objective:
         for s in seeds:
             g = _gen(s, 5)
             draws.append(torch.sigmoid(torch.randn((), generator=g)) if self.timestep_sampling == "logit_normal" else torch.rand((), generator=g))
-        u = torch.stack(draws).clamp(1e-5, 1 - 1e-5)
+        return self.shift(torch.stack(draws).clamp(1e-5, 1 - 1e-5), image_seq_len)
+
+    def shift(self, u: torch.Tensor, image_seq_len: int) -> torch.Tensor:
+        """σ from an unshifted draw ``u`` in (0, 1), as the scheduler config shifts its sigmas."""
+        cfg = self.pipe.scheduler.config
         if cfg.get("use_dynamic_shifting", False):
             lo, hi = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
             b_s, m_s = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
@@ -203,7 +218,8 @@ class Objective:
             emb = cond["encoder_hidden_states"]
             kwargs: dict[str, Any] = {}
             if getattr(model.config, "guidance_embeds", False):
-                kwargs["guidance"] = torch.full((b,), self.guidance_scale, device=dev, dtype=x0.dtype)
+                g = 3.5 if self.guidance_scale is None else self.guidance_scale  # FLUX.1-dev's default
+                kwargs["guidance"] = torch.full((b,), g, device=dev, dtype=x0.dtype)
             pred = model(
                 hidden_states=packed, timestep=sigma, pooled_projections=cond["pooled"], encoder_hidden_states=emb,
                 txt_ids=torch.zeros(emb.shape[1], 3, device=dev, dtype=x0.dtype),

@@ -51,7 +51,7 @@ import torch.nn as nn
 from ..core.config import LoHaConfig
 from ..core.io import load_state_dict, save_state_dict
 from ..core.model import LoHaModel, inject_adapter_in_model
-from .imagedata import ImageBatches, load_pixels, make_buckets, process_caption, scan_images, tag_frequencies
+from .imagedata import ImageBatches, cover_and_crop, load_pixels, make_buckets, process_caption, scan_images, tag_frequencies
 from .objectives import FAMILY_DEFAULT_TARGETS, TEXT_ENCODER_TARGETS, TIMESTEP_SAMPLING, UNET_CONV_TARGETS, Objective, objective_for
 from .runs import (
     atomic_write_text, check_fields, config_from_dict, find_last_checkpoint, interrupt_flag, is_checkpoint_name, is_int,
@@ -128,8 +128,8 @@ class ImageTrainConfig:
     cache_dir: str | None = None
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
-    timestep_sampling: str = "logit_normal"
-    guidance_scale: float = 3.5
+    timestep_sampling: str | None = None
+    guidance_scale: float | None = None
     max_sequence_length: int | None = None
     batch_size: int = 1
     grad_accum: int = 1
@@ -182,7 +182,7 @@ class ImageTrainConfig:
             "lr_scheduler": (lambda v: v in SCHEDULERS, f"one of {list(SCHEDULERS)}"),
             "mixed_precision": (lambda v: v in MIXED_PRECISION, f"one of {list(MIXED_PRECISION)}"),
             "missing_caption": (lambda v: v in MISSING_CAPTION, f"one of {list(MISSING_CAPTION)}"),
-            "timestep_sampling": (lambda v: v in TIMESTEP_SAMPLING, f"one of {list(TIMESTEP_SAMPLING)}"),
+            "timestep_sampling": (lambda v: v is None or v in TIMESTEP_SAMPLING, f"one of {list(TIMESTEP_SAMPLING)} or null"),
             "save_dtype": (lambda v: v in SAVE_DTYPES, f"one of {list(SAVE_DTYPES)}"),
             "resolution": pos_int, "batch_size": pos_int, "grad_accum": pos_int, "max_steps": pos_int,
             "sample_steps": pos_int, "warmup_steps": nonneg_int, "save_every": nonneg_int,
@@ -196,7 +196,7 @@ class ImageTrainConfig:
             "noise_offset": (lambda v: is_num(v) and v >= 0, "a number >= 0"),
             "min_snr_gamma": (lambda v: v is None or (is_num(v) and v > 0), "a positive number or null"),
             "ema_decay": (lambda v: is_num(v) and 0 <= v < 1, "a number in [0, 1) (0: no EMA)"),
-            "guidance_scale": (lambda v: is_num(v), "a number"),
+            "guidance_scale": (lambda v: v is None or is_num(v), "a number or null"),
             "max_sequence_length": (lambda v: v is None or (is_int(v) and v >= 1), "an int >= 1 or null"),
             "conv_r": (lambda v: v is None or (is_int(v) and v >= 1), "an int >= 1 or null"),
             "conv_alpha": (lambda v: v is None or is_num(v), "a number or null"),
@@ -210,8 +210,17 @@ class ImageTrainConfig:
                      "train_convs", "use_effective_conv2d", "gradient_checkpointing", "cpu", "overwrite", "progress"):
             checks[name] = (lambda v: isinstance(v, bool), "true or false")
         check_fields(self, checks, source)
-        if self.full_finetune and (self.resume or self.train_text_encoder):
-            raise ValueError(f"{source}: 'full_finetune' trains the denoiser only and cannot resume")
+        if self.full_finetune and self.resume:
+            raise ValueError(f"{source}: 'full_finetune' runs cannot resume (they write no checkpoints)")
+        if self.full_finetune and self.train_text_encoder:
+            raise ValueError(f"{source}: 'full_finetune' trains the denoiser only; drop 'train_text_encoder'")
+        needs = {"conv_r": "train_convs", "conv_alpha": "train_convs", "use_effective_conv2d": "train_convs",
+                 "text_encoder_lr": "train_text_encoder"}
+        for name, switch in needs.items():
+            if getattr(self, name) not in (None, False) and not getattr(self, switch):
+                raise ValueError(f"{source}: '{name}' only applies with '{switch}' (--{switch.replace('_', '-')})")
+        if self.adapter == "lora" and self.train_convs:
+            raise ValueError(f"{source}: 'train_convs' is LoHa's (conv_r/conv_alpha); adapter 'lora' trains the linear targets only")
 
 
 # ------------------------------------------------------------------------------------------
@@ -261,6 +270,21 @@ def read_pipeline_dir(model: str) -> PipelineInfo:
         if need not in comps:
             raise ValueError(f"--model {model!r}: model_index.json has no {need!r} component (a {cls} needs one)")
     return PipelineInfo(d, cls, PIPELINE_FAMILIES[cls], comps)
+
+
+def _check_family_options(cfg: ImageTrainConfig, info: PipelineInfo) -> None:
+    """Options of one family's objective given for another: refused, naming the option."""
+    unet = info.family in ("sd", "sdxl")
+    wrong = {
+        "min_snr_gamma": (cfg.min_snr_gamma is not None and not unet, "the UNet families (SD 1.x/2.x, SDXL)"),
+        "noise_offset": (bool(cfg.noise_offset) and not unet, "the UNet families (SD 1.x/2.x, SDXL)"),
+        "timestep_sampling": (cfg.timestep_sampling is not None and unet, "the flow-matching families (FLUX.1, SD3)"),
+        "max_sequence_length": (cfg.max_sequence_length is not None and unet, "the T5 families (FLUX.1, SD3)"),
+        "guidance_scale": (cfg.guidance_scale is not None and info.family != "flux", "FLUX.1 (guidance-distilled)"),
+    }
+    for name, (bad, where) in wrong.items():
+        if bad:
+            raise ValueError(f"--{name.replace('_', '-')} applies to {where}, not to {info.class_name}")
 
 
 def read_prompts(path: str) -> list[str]:
@@ -400,6 +424,27 @@ class _DiskCache:
         return entry
 
 
+def _tokenizer_digest(pipeline_dir: Path) -> str:
+    """sha256 over the pipeline's tokenizer files (a changed vocabulary changes every text entry)."""
+    h = hashlib.sha256()
+    for d in sorted(pipeline_dir.glob("tokenizer*")):
+        for f in sorted(p for p in d.rglob("*") if p.is_file()):
+            h.update(f.relative_to(pipeline_dir).as_posix().encode())
+            h.update(_file_digest(f).encode())
+    return h.hexdigest()[:16]
+
+
+def _offload(pipe: Any, dev: torch.device, vae: bool, text: bool) -> None:
+    """Move the VAE / frozen text encoders to the CPU while training on an accelerator (no-op on CPU)."""
+    if torch.device(dev).type == "cpu":
+        return
+    if vae:
+        pipe.vae.to("cpu")
+    if text:
+        for m in _text_encoders(pipe).values():
+            m.to("cpu")
+
+
 def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
@@ -475,20 +520,25 @@ def train_text_to_image(
         if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
             raise FileExistsError(f"output directory {str(out)!r} already exists and is not empty; pass --overwrite to replace it or --resume to continue")
     state = _read_state(resume_dir, cfg) if resume_dir is not None else None
+    _check_family_options(cfg, info)
     pipe = _load_pipeline(info)
     component = info_component(info)
     denoiser: nn.Module = getattr(pipe, component)
     objective = objective_for(
         pipe, info.family, min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset,
-        timestep_sampling=cfg.timestep_sampling, guidance_scale=cfg.guidance_scale, max_sequence_length=cfg.max_sequence_length,
+        timestep_sampling=cfg.timestep_sampling or "logit_normal", guidance_scale=cfg.guidance_scale,
+        max_sequence_length=cfg.max_sequence_length,
     )
+    if cfg.guidance_scale is not None and not getattr(denoiser.config, "guidance_embeds", False):
+        raise ValueError(f"--guidance-scale: {cfg.model!r}'s transformer has no guidance input (guidance_embeds false: FLUX.1-schnell)")
     if cfg.resolution % objective.factor:
         raise ValueError(
             f"--resolution {cfg.resolution} does not fit {info.class_name}: image sides must be multiples of "
             f"{objective.factor} (VAE factor x patch); try {max(objective.factor, cfg.resolution // objective.factor * objective.factor)}"
         )
     f = objective.factor
-    buckets = make_buckets(cfg.resolution, f, step=max(f, min(64, cfg.resolution // 8) // f * f))  # kohya: 64 at 512+
+    step = max(f, min(64, cfg.resolution // 8) // f * f)  # kohya's 64 from 512 up
+    buckets = make_buckets(cfg.resolution, f, step=step if cfg.resolution % step == 0 else f)
     batches = ImageBatches(items, buckets, seed=cfg.seed, random_flip=cfg.random_flip)
     item_buckets = batches.item_buckets
     fingerprint = _fingerprint([denoiser, *_text_encoders(pipe).values()])
@@ -509,7 +559,14 @@ def train_text_to_image(
     acc = _make_accelerator(cfg, find_unused=False)  # type: ignore[arg-type]
     rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
     dev = acc.device
+    # frozen weights in the mixed-precision dtype (the VAE stays float32: SDXL's overflows in fp16); adapter float32
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(acc.mixed_precision), torch.float32)
     pipe.to(dev)
+    if weight_dtype != torch.float32:
+        for m in [*trained.values(), *_text_encoders(pipe).values()]:
+            nn.Module.to(m, weight_dtype)  # torch's own .to: diffusers' override only adds a warning here
+    for p in (p for m in trained.values() for p in m.parameters() if p.requires_grad):
+        p.data = p.data.float()
     pipe.set_progress_bar_config(disable=True)
     global_batch = cfg.batch_size * world
     params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
@@ -536,14 +593,19 @@ def train_text_to_image(
         if state.get("world_size", world) * state.get("batch_size", cfg.batch_size) != global_batch:
             logger.warning("resuming with another global batch (%s) than the checkpoint's: the data order changes", global_batch)
     optimizer = acc.prepare(optimizer)
+    if state is not None and acc.scaler is not None and state.get("scaler"):
+        acc.scaler.load_state_dict(state["scaler"])  # fp16: the loss scale goes on where it was
 
     # ---------------------------------------------------------------- caches
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else _default_cache_dir()
     vae_fp = _fingerprint([pipe.vae])
-    text_fp = fingerprint + "-" + _fingerprint(list(_text_encoders(pipe).values()))
+    text_fp = "|".join([info.family, _fingerprint(list(_text_encoders(pipe).values())), _tokenizer_digest(info.path),
+                        str(cfg.max_sequence_length)])
     latent_cache = _DiskCache(cache_root, "latents")
     text_cache = None if cfg.train_text_encoder else _DiskCache(cache_root, "text")
     digests = {i: _file_digest(it.path) for i, it in enumerate(items)}
+    # only the captions as written (and "" for caption dropout) are cached: shuffled ones are encoded per step
+    cacheable = {it.caption for it in items} | ({""} if cfg.caption_dropout > 0 else set())
 
     def latent_moments(i: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
         bw, bh = item_buckets[i]
@@ -557,29 +619,28 @@ def train_text_to_image(
         e = latent_cache.get(key, compute)
         return e["mean"], e["std"]
 
+    def encode_one(c: str) -> dict[str, torch.Tensor]:
+        with torch.no_grad():  # float32, outside autocast: a cached entry does not depend on the run's precision
+            return {k: v[0].float() for k, v in objective.encode_prompts([c], dev).items()}
+
     def text_cond(captions: list[str]) -> dict[str, torch.Tensor]:
-        if text_cache is None:
+        if text_cache is None:  # the text encoders train: encoded with grad, every step
             return objective.encode_prompts(captions, dev)
-        parts = []
-        for c in captions:
-            key = hashlib.sha256(f"{c}|{text_fp}|{cfg.max_sequence_length}".encode()).hexdigest()[:32]
-
-            def compute(c: str = c) -> dict[str, torch.Tensor]:
-                with torch.no_grad():
-                    return {k: v[0] for k, v in objective.encode_prompts([c], dev).items()}
-
-            parts.append(text_cache.get(key, compute))
+        parts = [text_cache.get(hashlib.sha256(f"{c}|{text_fp}".encode()).hexdigest()[:32], lambda c=c: encode_one(c))
+                 if c in cacheable else encode_one(c) for c in captions]
         return {k: torch.stack([p[k] for p in parts]).to(dev) for k in parts[0]}
 
-    if main:  # the main process fills the cache for the un-augmented inputs; the others then read it
-        with torch.no_grad():
-            for i, it in enumerate(items):
-                latent_moments(i, False)
-                if cfg.random_flip:
-                    latent_moments(i, True)
-                if text_cache is not None and not cfg.shuffle_caption:
-                    text_cond([it.caption])
+    if main:  # the main process fills the cache; the others then read it
+        for i in range(len(items)):
+            latent_moments(i, False)
+            if cfg.random_flip:
+                latent_moments(i, True)
+        if text_cache is not None:
+            for c in sorted(cacheable):
+                text_cond([c])
     acc.wait_for_everyone()
+    text_on_the_fly = text_cache is None or cfg.shuffle_caption
+    _offload(pipe, dev, vae=True, text=not text_on_the_fly)  # accelerators: frozen parts no step needs go to the CPU
 
     created = not out.exists()
     try:
@@ -604,6 +665,7 @@ def train_text_to_image(
             if not (main and prompts):
                 return
             ema_swap()
+            pipe.to(dev)  # the parts offloaded after caching come back for the pipeline's own call
             for m in trained.values():
                 m.eval()
             try:
@@ -621,13 +683,15 @@ def train_text_to_image(
             finally:
                 for m in trained.values():
                     m.train()
+                _offload(pipe, dev, vae=True, text=not text_on_the_fly)
                 ema_swap()
 
         def write_outputs(where: Path, step: int) -> dict[str, Any]:
             """The adapter(s) in PEFT format and the kohya file (EMA weights when on)."""
             ema_swap()
             try:
-                return _write_adapter_outputs(where, cfg, info, pipe, trained, component, step, scan, items, buckets)
+                return _write_adapter_outputs(where, cfg, info, pipe, trained, component, step, scan, items, buckets,
+                                              str(acc.mixed_precision))
             finally:
                 ema_swap()
 
@@ -650,7 +714,8 @@ def train_text_to_image(
                 save_state_dict(opt_tensors, tmp / "optimizer.safetensors", metadata={"format": "pt"})
                 st = {"step": step, "reason": reason, "base_model": cfg.model, "base_fingerprint": fingerprint,
                       "world_size": world, "batch_size": cfg.batch_size, "scheduler": _jsonable(scheduler.state_dict()),
-                      "optimizer": _jsonable(opt_meta), "rng": rng, "replica_digests": digest, "config": cfg.to_dict()}
+                      "optimizer": _jsonable(opt_meta), "rng": rng, "replica_digests": digest, "config": cfg.to_dict(),
+                      "scaler": _jsonable(acc.scaler.state_dict()) if acc.scaler is not None else None}
                 (tmp / "trainer_state.json").write_text(json.dumps(st, default=str), encoding="utf-8")
                 if final.exists():
                     shutil.rmtree(final)
@@ -695,9 +760,12 @@ def train_text_to_image(
                                         keep_tokens=cfg.keep_tokens, dropout=cfg.caption_dropout)
                         for j, i in enumerate(idx)
                     ]
+                    if text_cache is not None:
+                        cond = text_cond(captions)  # cached or encoded in float32, outside autocast
                     with acc.autocast():
-                        cond = text_cond(captions)
-                        loss = objective.loss(denoiser, latents, cond, seeds).mean()
+                        if text_cache is None:
+                            cond = text_cond(captions)
+                        loss = objective.loss(denoiser, latents, cond, seeds, time_ids=_time_ids(items, idx, item_buckets)).mean()
                     acc.backward(loss / cfg.grad_accum)
                     step_loss += loss.detach().double() / cfg.grad_accum
                 if world > 1:
@@ -705,9 +773,11 @@ def train_text_to_image(
                 if cfg.max_grad_norm > 0:
                     acc.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                skipped = acc.optimizer_step_was_skipped  # fp16: an overflow skips the step, the schedule waits too
+                if not skipped:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
+                if ema is not None and not skipped:
                     with torch.no_grad():
                         for p, e in zip(params, ema):
                             e.lerp_(p.detach(), 1 - cfg.ema_decay)
@@ -784,6 +854,16 @@ def _sample_seed(seed: int, step: int, micro: int, position: int) -> int:
     return int.from_bytes(h, "little") >> 2
 
 
+def _time_ids(items: Sequence[Any], idx: Sequence[int], item_buckets: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """SDXL's size conditioning per sample ``(B, 6)``: original (h, w), crop (top, left), bucket (h, w)."""
+    rows = []
+    for i in idx:
+        it, (bw, bh) = items[i], item_buckets[i]
+        _, (left, top) = cover_and_crop(it.width, it.height, (bw, bh))
+        rows.append([it.height, it.width, top, left, bh, bw])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
 def _all_reduce_grads(params: list[torch.Tensor], world: int) -> None:
     """Average the adapter's gradients over the processes (one flat all-reduce)."""
     import torch.distributed as dist
@@ -827,7 +907,8 @@ def _load_adapter_tensors(resume_dir: Path, trained: dict[str, nn.Module]) -> No
             p.copy_(saved[str(i)])
 
 
-def _kohya_metadata(cfg: ImageTrainConfig, info: PipelineInfo, step: int, scan: Any, items: Sequence[Any], buckets: Any) -> dict[str, str]:
+def _kohya_metadata(cfg: ImageTrainConfig, info: PipelineInfo, step: int, scan: Any, items: Sequence[Any], buckets: Any,
+                    mixed_precision: str) -> dict[str, str]:
     """The ``ss_*`` header entries A1111 / kohya tools read (strings only)."""
     return {
         "ss_output_name": cfg.output_name,
@@ -844,7 +925,7 @@ def _kohya_metadata(cfg: ImageTrainConfig, info: PipelineInfo, step: int, scan: 
         "ss_seed": str(cfg.seed),
         "ss_noise_offset": str(cfg.noise_offset),
         "ss_min_snr_gamma": str(cfg.min_snr_gamma),
-        "ss_mixed_precision": cfg.mixed_precision,
+        "ss_mixed_precision": mixed_precision,
         "ss_enable_bucket": "True",
         "ss_bucket_info": json.dumps({"buckets": {str(i): {"resolution": list(b)} for i, b in enumerate(buckets or [])}}),
         "ss_tag_frequency": json.dumps(tag_frequencies(items)),
@@ -855,7 +936,7 @@ def _kohya_metadata(cfg: ImageTrainConfig, info: PipelineInfo, step: int, scan: 
 
 def _write_adapter_outputs(
     where: Path, cfg: ImageTrainConfig, info: PipelineInfo, pipe: Any, trained: dict[str, nn.Module], component: str,
-    step: int, scan: Any, items: Sequence[Any], buckets: Any,
+    step: int, scan: Any, items: Sequence[Any], buckets: Any, mixed_precision: str = "no",
 ) -> dict[str, Any]:
     """PEFT adapter directories (one per trained model) and, for LoHa, the kohya file."""
     from ..integrations.diffusers import save_loha_weights
@@ -871,7 +952,7 @@ def _write_adapter_outputs(
     result: dict[str, Any] = {"adapters": adapters, "kohya_file": None}
     if cfg.adapter == "loha":
         path = where / f"{cfg.output_name}.safetensors"
-        save_loha_weights(pipe, path, dtype=SAVE_DTYPES[cfg.save_dtype], metadata=_kohya_metadata(cfg, info, step, scan, items, buckets))
+        save_loha_weights(pipe, path, dtype=SAVE_DTYPES[cfg.save_dtype], metadata=_kohya_metadata(cfg, info, step, scan, items, buckets, mixed_precision))
         result["kohya_file"] = str(path)
     return result
 
