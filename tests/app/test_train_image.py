@@ -124,18 +124,24 @@ def test_kohya_file_fp16_by_default_with_metadata(pipes, images, tmp_path):
     assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_resolution"] == "(32, 32)"
 
 
-@pytest.mark.parametrize("family", ["sd1", "flux"])
-def test_resume_reproduces_the_uninterrupted_run(family, pipes, images, tmp_path):
+RESUME_CASES = {
+    "sd1": dict(random_flip=True, shuffle_caption=True),
+    "flux": dict(random_flip=True, shuffle_caption=True),
+    "sd1-ema-te-accum": dict(ema_decay=0.7, train_text_encoder=True, grad_accum=2, lr_scheduler="cosine", caption_dropout=0.3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_resume_reproduces_the_uninterrupted_run(case, pipes, images, tmp_path):
+    family, kw = case.split("-")[0], RESUME_CASES[case]
     full = tmp_path / "full"
-    train_text_to_image(_cfg(pipes[family], images, full, max_steps=4, random_flip=True, shuffle_caption=True))
+    train_text_to_image(_cfg(pipes[family], images, full, max_steps=4, **kw))
     part = tmp_path / "part"
     with pytest.raises(TrainInterrupted) as e:
-        train_text_to_image(_cfg(pipes[family], images, part, max_steps=4, random_flip=True, shuffle_caption=True),
-                            should_stop=lambda step: step == 2)
+        train_text_to_image(_cfg(pipes[family], images, part, max_steps=4, **kw), should_stop=lambda step: step == 2)
     assert e.value.step == 2 and (part / "checkpoint-2" / "trainer_state.json").is_file()
     lines: list[str] = []
-    train_text_to_image(_cfg(pipes[family], images, part, max_steps=4, random_flip=True, shuffle_caption=True, resume=True),
-                        echo=lines.append)
+    train_text_to_image(_cfg(pipes[family], images, part, max_steps=4, resume=True, **kw), echo=lines.append)
     assert any("resumed from checkpoint-2" in x for x in lines)
     assert _losses(part) == _losses(full)
     assert _same_tensors(full / "loha.safetensors", part / "loha.safetensors")
@@ -324,6 +330,34 @@ def test_config_file_and_kohya_repeat_folders(pipes, tmp_path, capsys):
     assert set(json.loads(m["ss_tag_frequency"])) == {"3_redthing", "1_bluething"}
 
 
+def test_ctrl_c_saves_a_checkpoint(pipes, images, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "lohakit", *_cli(pipes["sd1"], images, out, "--max-steps", "100000", "--save-every", "0")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").is_file() and len(_losses(out)) >= 2:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    from lohakit.app.runs import find_last_checkpoint
+
+    ck = find_last_checkpoint(out)
+    assert ck is not None and json.loads((ck / "trainer_state.json").read_text())["reason"] == "interrupted", err
+    assert (ck / "loha.safetensors").is_file() and (ck / "unet" / "adapter_config.json").is_file()
+    assert "checkpoint saved" in err.strip().splitlines()[-1]
+
+
 def _accelerate() -> list[str]:
     exe = Path(sys.executable).with_name("accelerate")
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "accelerate.commands.launch"]
@@ -335,7 +369,7 @@ def test_two_processes_match_one(pipes, images, tmp_path):
     env.pop("WORLD_SIZE", None)
     two = tmp_path / "two"
     args = _cli(pipes["sd1"], images, two, "--max-steps", "3", "--batch-size", "1", "--lr", "1e-2", "--save-every", "2",
-                "--save-dtype", "fp32")
+                "--save-dtype", "fp32", "--grad-accum", "2")
     cmd = [*_accelerate(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", "0", "-m", "lohakit", *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -345,6 +379,6 @@ def test_two_processes_match_one(pipes, images, tmp_path):
     assert r.stdout.count("done:") == 1
     one = tmp_path / "one"
     assert main(_cli(pipes["sd1"], images, one, "--max-steps", "3", "--batch-size", "2", "--lr", "1e-2", "--save-every", "2",
-                     "--save-dtype", "fp32")) == 0
+                     "--save-dtype", "fp32", "--grad-accum", "2")) == 0
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
-    assert _same_tensors(two / "loha.safetensors", one / "loha.safetensors", rel=1e-4)  # gradients summed in another order
+    assert _same_tensors(two / "loha.safetensors", one / "loha.safetensors", rel=1e-3)  # gradients summed in another order; Adam scales tiny gradients up (measured 2e-4 at most)
