@@ -227,6 +227,7 @@ def _bad_cases(tmp: Path, pipes: dict[str, Path], images: Path) -> dict[str, tup
         "text flag on image task": (_cli(pipes["sd1"], images, out, "--seq-len", "8"), "seq_len"),
         "UNet option on a DiT": (_cli(pipes["flux"], images, out, "--resolution", "32", "--min-snr-gamma", "5"), "--min-snr-gamma"),
         "guidance on SD3": (_cli(pipes["sd3"], images, out, "--guidance-scale", "3"), "--guidance-scale"),
+        "SD3 position cap": (_cli(pipes["sd3"], images, out, "--resolution", "256"), "pos_embed_max_size"),
         "conv rank without convs": (_cli(pipes["sd1"], images, out, "--conv-r", "4"), "train_convs"),
         "image flag on text task": (["train", "--model", str(pipes["sd1"]), "--data", str(images), "--output-dir", str(out),
                                      "--resolution", "32"], "--resolution"),

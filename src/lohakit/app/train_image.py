@@ -541,6 +541,11 @@ def train_text_to_image(
     buckets = make_buckets(cfg.resolution, f, step=step if cfg.resolution % step == 0 else f)
     batches = ImageBatches(items, buckets, seed=cfg.seed, random_flip=cfg.random_flip)
     item_buckets = batches.item_buckets
+    cap = getattr(denoiser.config, "pos_embed_max_size", None)  # SD3: positions exist for a cap x cap patch grid
+    if cap and max(max(b) for b in set(item_buckets)) // f > cap:
+        raise ValueError(f"--resolution {cfg.resolution}: a bucket of {max(set(item_buckets), key=max)} needs more than the "
+                         f"{cap} x {cap} patch positions of {info.class_name}'s transformer (pos_embed_max_size): every bucket "
+                         f"side must be at most {cap * f} pixels; lower --resolution")
     fingerprint = _fingerprint([denoiser, *_text_encoders(pipe).values()])
     if state is not None and state.get("base_fingerprint") != fingerprint:
         raise ValueError(f"checkpoint {str(resume_dir)!r} was trained on another base pipeline "
