@@ -351,18 +351,223 @@ def test_merge_overwrite_replaces_out_whole(merged_once):
     merge_to_dir(d / "base", d / "adapter", out, overwrite=True)  # default shard size: one file
     names = sorted(p.name for p in out.iterdir())
     assert "mine.txt" not in names and "model.safetensors" in names and "model.safetensors.index.json" not in names
-    assert _leftovers(out) == []
+    assert ".lohakit-staging" not in names and _leftovers(out) == []
+
+
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _mark(d, pid=None, start=None):
+    """The marker lohakit writes first into a staging (here: of a process that is gone)."""
+    import socket
+
+    (d / ".lohakit-staging").write_text(json.dumps(
+        {"lohakit": "staging", "pid": pid or _dead_pid(), "host": socket.gethostname(), "start": start}))
+    return d
+
+
+def _user_dir(parent, name):
+    d = parent / name
+    d.mkdir()
+    (d / "precious.txt").write_text(name)
+    return d
 
 
 def test_merge_after_a_crash_between_the_renames_puts_old_out_back(merged_once, capsys):
     d, out, before = merged_once
-    os.rename(out, out.with_name(f".{out.name}.old-0123456789ab"))  # a crash right after OUT was set aside
+    old = out.with_name(f".{out.name}.old-0123456789ab")
+    os.rename(out, old)  # a crash right after OUT was set aside (it was marked before the rename)
+    _mark(old)
     stale = out.with_name(f".{out.name}.staged-ba9876543210")
     stale.mkdir()
+    _mark(stale)
     (stale / "partial.safetensors").write_bytes(b"x")
     assert main(["merge", "--base", str(d / "base"), "--adapter", str(d / "adapter"), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err  # the restored OUT counts as existing
+    assert _tree(out) == before and _leftovers(out) == []  # marker dropped from the restored OUT too
+
+
+def test_merge_recovery_touches_only_dead_marked_stagings_of_its_own_names(merged_once, monkeypatch):
+    """A user's .OUT.old-backup, an unmarked or badly named staging and a live merge's staging survive."""
+    from lohakit.app import merge as merge_mod
+
+    d, out, _ = merged_once
+    parent = out.parent
+    keep = [
+        _user_dir(parent, f".{out.name}.old-backup"),
+        _mark(_user_dir(parent, f".{out.name}.staged-inprogress")),  # not an id lohakit generates
+        _user_dir(parent, f".{out.name}.old-0123456789ab"),  # right name, no marker
+        _user_dir(parent, f".{out.name}.staged-0123456789AB"),
+    ]
+    live = _user_dir(parent, f".{out.name}.staged-aaaaaaaaaaaa")
+    merge_mod._write_marker(live)  # this process: alive
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        other = _mark(_user_dir(parent, f".{out.name}.staged-bbbbbbbbbbbb"), pid=sleeper.pid)  # another live process
+        keep_trees = {p.name: _tree(p) for p in [*keep, live, other]}
+        dead = _mark(_user_dir(parent, f".{out.name}.staged-cccccccccccc"))
+        reused = _mark(_user_dir(parent, f".{out.name}.convert-dddddddddddd"), pid=os.getpid(), start=-1)  # pid reused
+        from transformers import PreTrainedModel
+
+        real, seen = PreTrainedModel.save_pretrained, []
+
+        def spy(self, save_dir, *a, **k):  # the marker is there before anything is written
+            seen.append(json.loads((merge_mod.Path(save_dir) / ".lohakit-staging").read_text())["pid"])
+            return real(self, save_dir, *a, **k)
+
+        monkeypatch.setattr(PreTrainedModel, "save_pretrained", spy)
+        merge_mod.merge_to_dir(d / "base", d / "adapter", out, overwrite=True)
+        assert seen == [os.getpid()]
+        assert not dead.exists() and not reused.exists()
+        assert {p.name: _tree(p) for p in [*keep, live, other]} == keep_trees
+        assert "mine.txt" not in _tree(out) and ".lohakit-staging" not in _tree(out)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_merge_with_out_missing_never_renames_a_user_folder_into_out(llama_and_adapter, tmp_path):
+    from lohakit.app.merge import merge_to_dir
+
+    d, *_ = llama_and_adapter
+    out = tmp_path / "merged"
+    user = [_user_dir(tmp_path, ".merged.old-backup"), _user_dir(tmp_path, ".merged.old-0123456789ab")]
+    merge_to_dir(d / "base", d / "adapter", out)  # OUT missing: nothing is "put back", OUT is written
+    assert (out / "model.safetensors").is_file() and not (out / "precious.txt").exists()
+    assert all((u / "precious.txt").read_text() == u.name for u in user)
+
+
+def test_stale_staging_recovery_runs_under_the_directory_lock(tmp_path):
+    import threading
+    import time
+
+    from lohakit.app.merge import recover_stagings
+    from lohakit.core.io import _dir_lock
+
+    out = tmp_path / "merged"
+    dead = _mark(_user_dir(tmp_path, ".merged.staged-0123456789ab"))
+    with _dir_lock(tmp_path) as locked:
+        if not locked:
+            pytest.skip("no flock here")
+        t = threading.Thread(target=recover_stagings, args=(out,))
+        t.start()
+        time.sleep(0.3)
+        assert dead.exists()  # waits for the lock holder (a PEFT save or a swap in progress)
+    t.join(10)
+    assert not t.is_alive() and not dead.exists()
+
+
+def test_merge_into_a_mount_point_is_refused(merged_once, monkeypatch, capsys):
+    d, out, before = merged_once
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.fspath(p) == str(out.resolve()) or real(p))
+    assert main(["merge", "--base", str(d / "base"), "--adapter", str(d / "adapter"), "--out", str(out), "--overwrite"]) == 2
+    _one_line_error(capsys, ["is a mount point", "write to a subdirectory of it"])
     assert _tree(out) == before and _leftovers(out) == []
+    assert main(["convert", str(d / "adapter"), str(out), "--to", "lora", "--overwrite"]) == 2
+    _one_line_error(capsys, ["is a mount point", "write to a subdirectory of it"])
+    assert _tree(out) == before and _leftovers(out) == []
+
+
+def test_merge_into_a_symlinked_out_keeps_the_link(merged_once, capsys):
+    d, out, _ = merged_once
+    link = out.with_name("link")
+    link.symlink_to(out, target_is_directory=True)
+    assert main(["merge", "--base", str(d / "base"), "--adapter", str(d / "adapter"), "--out", str(link), "--overwrite"]) == 0
+    assert link.is_symlink() and os.readlink(link) == str(out)
+    names = sorted(p.name for p in out.iterdir())
+    assert "mine.txt" not in names and "model.safetensors" in names  # the target holds the new content
+    assert _leftovers(out) == [] and _leftovers(link) == []
+
+
+@pytest.mark.parametrize("where, words", [(".", "is the current directory"), ("..", "holding the current directory"),
+                                          ("/", "filesystem root")])
+def test_merge_out_dot_or_root_is_refused_clearly(where, words, llama_and_adapter, tmp_path, monkeypatch, capsys):
+    d, *_ = llama_and_adapter
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["merge", "--base", str(d / "base"), "--adapter", str(d / "adapter"), "--out", where, "--overwrite"]) == 2
+    _one_line_error(capsys, [words])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"] and list(work.iterdir()) == []
+
+
+def test_merge_exchange_really_runs_renameat2(merged_once, monkeypatch):
+    from lohakit.app import merge as merge_mod
+
+    real = merge_mod._renameat2()
+    if real is None:
+        pytest.skip("no renameat2 here (not Linux / old libc)")
+    d, out, _ = merged_once
+    results, replaced = [], []
+
+    def spy(*args):
+        results.append(real(*args))
+        return results[-1]
+
+    real_replace = os.replace
+    monkeypatch.setattr(merge_mod, "_renameat2", lambda: spy)
+    monkeypatch.setattr(os, "replace", lambda a, b, *x, **k: (replaced.append(os.path.basename(str(a))), real_replace(a, b, *x, **k))[1])
+    merge_mod.merge_to_dir(d / "base", d / "adapter", out, overwrite=True)
+    assert results == [0]  # the atomic exchange ran and succeeded ...
+    assert not any(n == out.name or n.startswith(f".{out.name}.staged-") for n in replaced)  # ... no renames instead
+    names = sorted(p.name for p in out.iterdir())
+    assert "mine.txt" not in names and ".lohakit-staging" not in names and "model.safetensors" in names
+    assert _leftovers(out) == []
+
+
+@pytest.mark.parametrize("err", [errno.EINVAL, errno.ENOSYS])
+def test_merge_exchange_unsupported_errno_falls_back_to_renames(err, merged_once, monkeypatch):
+    import ctypes
+
+    from lohakit.app import merge as merge_mod
+
+    d, out, _ = merged_once
+    calls, replaced = [], []
+
+    def fake_renameat2(*args):  # a libc/kernel/filesystem without RENAME_EXCHANGE
+        calls.append(args)
+        ctypes.set_errno(err)
+        return -1
+
+    real_replace = os.replace
+    monkeypatch.setattr(merge_mod, "_renameat2", lambda: fake_renameat2)
+    monkeypatch.setattr(os, "replace", lambda a, b, *x, **k: (replaced.append((os.path.basename(str(a)), os.path.basename(str(b)))), real_replace(a, b, *x, **k))[1])
+    merge_mod.merge_to_dir(d / "base", d / "adapter", out, overwrite=True)
+    assert len(calls) == 1
+    assert any(a == out.name and b.startswith(f".{out.name}.old-") for a, b in replaced)  # OUT set aside ...
+    assert any(a.startswith(f".{out.name}.staged-") and b == out.name for a, b in replaced)  # ... staged put in
+    names = sorted(p.name for p in out.iterdir())
+    assert "mine.txt" not in names and ".lohakit-staging" not in names and "model.safetensors" in names
+    assert _leftovers(out) == []
+
+
+def test_convert_recovers_what_a_killed_convert_left(tmp_path, capsys):
+    a = tmp_path / "a"
+    _adapted(False).save_pretrained(str(a))
+    # a file output: a SIGKILLed convert left its marked staging directory
+    k = tmp_path / "o.safetensors"
+    dead = _mark(_user_dir(tmp_path, ".o.safetensors.convert-0123456789ab"))
+    user = _user_dir(tmp_path, ".o.safetensors.convert-backup")
+    assert main(["convert", str(a), str(k), "--to", "kohya", "--prefix", "lora_te"]) == 0
+    assert k.is_file() and not dead.exists() and (user / "precious.txt").is_file()
+    # a directory output: a crash between the two renames left OUT set aside, plus the staging
+    lora = tmp_path / "lora"
+    assert main(["convert", str(a), str(lora), "--to", "lora"]) == 0
+    before = _tree(lora)
+    old = tmp_path / ".lora.old-0123456789ab"
+    os.rename(lora, old)
+    _mark(old)
+    staged = _mark(_user_dir(tmp_path, ".lora.convert-ba9876543210"))
+    capsys.readouterr()
+    assert main(["convert", str(a), str(lora), "--to", "lora"]) == 2
+    assert "--overwrite" in capsys.readouterr().err  # the restored OUT counts as existing
+    assert _tree(lora) == before and not old.exists() and not staged.exists()
+    assert main(["convert", str(a), str(lora), "--to", "lora", "--overwrite"]) == 0
+    assert _tree(lora) == before and _leftovers(lora) == []
 
 
 # malformed tensors in inspect / convert: LoHaFormatError (exit 2, one line), never a crash ----

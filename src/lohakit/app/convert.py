@@ -20,18 +20,20 @@ readers and every module's factors pass :func:`lohakit.app.inspection.check_modu
 (shapes, ranks, finite values) before anything is converted; OUT is written to a staged name
 next to it (``.OUT.convert-<id>``), read back and checked again (a PEFT LoHa directory against
 ``--base`` with the PEFT loader's own plan and tensor checks, a kohya LoHa file with the factor
-checks, a LoRA with finite, rank-consistent up/down pairs), and only then renamed into place.
+checks, a LoRA with finite, rank-consistent up/down pairs), and only then renamed into place
+(a file output is written inside that marked staging directory and renamed out of it; a directory
+output is swapped in as ``lohakit merge`` swaps, under the same lock). convert first runs merge's
+recovery (:func:`lohakit.app.merge.recover_stagings`), so the ``.OUT.convert-<id>`` a killed
+convert left is dropped and an OUT set aside by a crash mid-swap is put back; OUT is resolved as
+merge resolves it (symlink target; not ".", a root or a mount point).
 A malformed IN or an output a loader would refuse is a :class:`~lohakit.core.io.LoHaFormatError`
 (exit 2) and OUT stays as it was.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import secrets
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -183,12 +185,6 @@ def _lora_report(exports: dict[str, Any], rank: int | None, to_file: bool, d: Pa
     return f"wrote LoRA ({kind}) {d}: {len(exports)} modules, rank {ranks}, {how}"
 
 
-def _staged(d: Path) -> Path:
-    """A fresh name next to ``d`` for the output while it is written and checked."""
-    suffix = ".safetensors" if d.suffix.lower() == ".safetensors" else ""
-    return d.with_name(f".{d.name}.convert-{secrets.token_hex(6)}{suffix}")
-
-
 def _check_lora_file(path: Path, peft_keys: bool) -> None:
     """A LoRA written by convert: finite up/down pairs of one rank per module (kohya or PEFT keys)."""
     from ..core.io import LoHaFormatError, NonFiniteTensorError, load_state_dict, tensor_is_finite
@@ -228,21 +224,17 @@ def _check_output(staged: Path, to: str, to_file: bool, model: Any) -> None:
         _check_lora_file(staged if to_file else staged / "adapter_model.safetensors", peft_keys=not to_file)
 
 
-def _put_in_place(staged: Path, d: Path) -> None:
-    if staged.is_dir():
-        from .merge import _swap_into_place
+def _put_in_place(stage: Path, staged: Path, d: Path) -> None:
+    """Move the checked output ``staged`` (``stage`` itself, or a file inside it) to ``d``."""
+    from ..core.io import _dir_lock
+    from .merge import _remove_marked, _swap_into_place
 
-        _swap_into_place(staged, d)
-    else:
+    if staged == stage:
+        _swap_into_place(stage, d)
+        return
+    with _dir_lock(d.parent):
         os.replace(staged, d)
-
-
-def _discard(staged: Path) -> None:
-    if staged.is_dir() and not staged.is_symlink():
-        shutil.rmtree(staged, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            staged.unlink()
+    _remove_marked(stage)
 
 
 def convert(
@@ -263,30 +255,36 @@ def convert(
         raise ValueError(f"--to must be peft, kohya or lora, got {to!r}")
     if rank is not None and (to != "lora" or rank < 1):
         raise ValueError("--rank is for --to lora and must be >= 1")
-    s, d = Path(src), Path(dst)
+    from .merge import _new_staging, _remove_marked, recover_stagings, resolve_out
+
+    s, given = Path(src), Path(dst)
     kind = _kind(s)
+    d = resolve_out(given, "output")  # a symlink's target; not ".", a root or a mount point
+    if d.parent.is_dir():
+        recover_stagings(d)  # a killed convert's staging; an OUT set aside mid-swap counts as existing
     if d.exists() and (d.is_file() or any(d.iterdir())) and not overwrite:
-        raise FileExistsError(f"output {str(d)!r} already exists; pass --overwrite to replace it")
+        raise FileExistsError(f"output {str(given)!r} already exists; pass --overwrite to replace it")
     from ..core.io import LoHaFormatError
     from .inspection import read_loha_modules
 
     read_loha_modules(s, equal_ranks=True)  # IN checked as the loaders check it, before any work
-    staged = _staged(d)
     d.parent.mkdir(parents=True, exist_ok=True)
+    stage = _new_staging(d, "convert")  # marked as ours before anything else is written
+    staged = stage / d.name if d.suffix.lower() == ".safetensors" else stage
     checked: dict[str, Any] = {}
     try:
-        report = _convert_to(s, staged, d, kind, to, rank, base, prefix, checked)
+        report = _convert_to(s, staged, given, kind, to, rank, base, prefix, checked)
         try:
             _check_output(staged, to, staged.suffix.lower() == ".safetensors", checked.get("model"))
         except LoHaFormatError as e:
             raise type(e)(
-                f"convert wrote output that lohakit's loaders refuse, so {str(d)!r} was left as it was: "
-                + str(e).replace(str(staged), str(d))
+                f"convert wrote output that lohakit's loaders refuse, so {str(given)!r} was left as it was: "
+                + str(e).replace(str(staged), str(given))
             ) from None
-        _put_in_place(staged, d)
+        _put_in_place(stage, staged, d)
     finally:
-        if staged.exists():
-            _discard(staged)
+        if os.path.lexists(stage):
+            _remove_marked(stage)
     return report
 
 
