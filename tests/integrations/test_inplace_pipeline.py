@@ -139,3 +139,33 @@ def test_pipeline_saved_after_a_kohya_load_has_base_keys_and_reloads(tmp_path, f
         assert all(torch.equal(sd[k], v) for k, v in base.items())
         load_loha_weights(again, str(f))
         torch.testing.assert_close(unet_out(again.unet), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_guard_holds_when_the_wrapper_comes_before_any_pipeline(tmp_path):
+    """UNet loaded and wrapped while no pipeline module is imported yet; then the pipeline is built."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from diffusers import UNet2DConditionModel
+        assert "diffusers.pipelines.pipeline_utils" not in sys.modules
+        from lohakit import LoHaConfig, LoHaModel
+        unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4,
+            out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D",
+            "CrossAttnUpBlock2D"), cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4)
+        wrapped = LoHaModel(unet, LoHaConfig(r=2, target_modules=["to_q"]))
+        from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+        vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4, sample_size=8,
+                            down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=wrapped, scheduler=DDPMScheduler(),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        try:
+            pipe.save_pretrained({str(tmp_path / "p")!r})
+        except TypeError as e:
+            print("refused", "'unet'" in str(e))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip().endswith("refused True"), r.stderr[-2000:]
+    assert not (tmp_path / "p").exists()

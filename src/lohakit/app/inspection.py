@@ -254,7 +254,8 @@ def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
         "modules": len(rows),
         "params": sum(r["params"] for r in rows),
         "tucker_modules": sum(r["tucker"] for r in rows),
-        "delta_norm": math.sqrt(sum(r["delta_norm"] ** 2 for r in rows)),
+        # the norm of the per-module norms, in float64 tensors: inf (never OverflowError) for a huge alpha
+        "delta_norm": float(torch.tensor([r["delta_norm"] for r in rows] or [0.0], dtype=torch.float64).norm()),
         "other_keys": len(data["other_keys"]),
     }
     return {"format": data["format"], "path": data["path"], "family": family, "modules": rows, "totals": totals}

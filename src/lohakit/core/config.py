@@ -37,6 +37,14 @@ _PEFT_ONLY_KEYS = {
 }
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _scale_numerator(v: Any) -> bool:
+    """A usable alpha: a positive number whose scale alpha / r is finite in float32 (the factors' dtype)."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and 0 < v < _FLOAT32_MAX
+
+
 @dataclass
 class LoHaConfig:
     """Configuration of a LoHa adapter (same field names and defaults as ``peft.LoHaConfig``).
@@ -104,8 +112,8 @@ class LoHaConfig:
         """Raise ``ValueError`` naming the offending field when the config is inconsistent."""
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"LoHaConfig.r must be a positive int, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ValueError(f"LoHaConfig.alpha must be a positive number, got {self.alpha!r}")
+        if not _scale_numerator(self.alpha):
+            raise ValueError(f"LoHaConfig.alpha must be a positive finite number below {_FLOAT32_MAX:.3g} (float32's range), got {self.alpha!r}")
         for name in ("rank_dropout", "module_dropout"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
@@ -143,8 +151,8 @@ class LoHaConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"LoHaConfig.rank_pattern[{key!r}] must be a positive int, got {v!r}")
         for key, v in self.alpha_pattern.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"LoHaConfig.alpha_pattern[{key!r}] must be a positive number, got {v!r}")
+            if not _scale_numerator(v):
+                raise ValueError(f"LoHaConfig.alpha_pattern[{key!r}] must be a positive finite number below {_FLOAT32_MAX:.3g}, got {v!r}")
         if not isinstance(self.rank_dropout_scale, bool):
             raise ValueError(f"LoHaConfig.rank_dropout_scale must be a bool, got {self.rank_dropout_scale!r}")
         # every regex compiles in the form the target rules build and matches in bounded time

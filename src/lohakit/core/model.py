@@ -21,9 +21,8 @@ import torch.nn as nn
 from .config import LoHaConfig, is_peft_loha_config
 from .functional import COMPUTE_PATHS
 from .layers import Conv1d, Conv2d, Conv3d, HFConv1D, Linear, LoHaLayer, _hf_conv1d_type
-from .targets import (
-    DEFAULT_TARGET_MODULES, matches_target, pattern_key, rank_and_alpha,
-)
+from .patterns import check_patterns
+from .targets import DEFAULT_TARGET_MODULES, forget_compiled, matches_target, pattern_key, rank_and_alpha
 
 logger = logging.getLogger(__name__)
 
@@ -420,6 +419,8 @@ class LoHaModel(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or choose another name")
         config = _as_loha_config(config)
         config.validate()
+        forget_compiled(config)  # fields edited in place since the last use are read afresh
+        check_patterns(config, "LoHaConfig", [n for n, _ in self.model.named_modules()])  # bounded on the real names
         config = self._resolve_config(config)
         targets = self._find_targets(config)
         self._check_modules_to_save(config)

@@ -128,8 +128,11 @@ def _probe_strings(pattern: str) -> list[str]:
         if len(chars) >= 12:
             break
     probes = []
-    for ch in sorted(chars):
+    ordered = sorted(chars)
+    for ch in ordered:
         probes += [ch * 32 + "\x00", ch * 48]
+    for a, b in zip(ordered, ordered[1:] + ordered[:1]):  # two-character periods: '((ab)*|a)*c' on 'abab...'
+        probes += [(a + b) * 28 + "\x00"]
     probes += ["a." * 24 + "!", "model.layers.0.self_attn.q_proj." * 3 + "!"]
     return probes
 
@@ -187,26 +190,37 @@ def check_patterns(
             raise error(f"{where}: {label} is not a valid regular expression in PEFT's matching rule ({e})") from None
         strings = name_list if name_list is not None else _probe_strings(form)
         match = rx.fullmatch if mode == "full" else rx.match
-        with _time_limit(PATTERN_TIME_LIMIT_S) as timed:
-            if not timed:
-                try:
-                    risky = _looks_catastrophic(form)
-                except Exception:  # noqa: BLE001 - the parser is private API; never fail on it
-                    risky = False
-                if risky:
-                    raise error(
-                        f"{where}: {label} nests repetitions (e.g. '(a+)+' or '(.|.)*'), which can take exponential "
-                        "time to match; simplify the pattern"
-                    )
-                continue
+        try:
+            _bounded_match(match, strings, label, form, where, name_list is not None, error)
+        except _PatternTimeout:  # the timer fired just after the last match, before it was stopped
+            pass
+
+
+def _bounded_match(
+    match: Any, strings: list[str], label: str, form: str, where: str, model_names: bool, error: type[Exception]
+) -> None:
+    """Match every string within the time limit (or, where a match cannot be interrupted, refuse
+    patterns that look exponential)."""
+    with _time_limit(PATTERN_TIME_LIMIT_S) as timed:
+        if not timed:
             try:
-                for text in strings:
-                    match(text)
-            except _PatternTimeout:
+                risky = _looks_catastrophic(form)
+            except Exception:  # noqa: BLE001 - the parser is private API; never fail on it
+                risky = False
+            if risky:
                 raise error(
-                    f"{where}: {label} takes more than {PATTERN_TIME_LIMIT_S:g} s to match "
-                    + ("the model's module names" if name_list is not None else "short module-like names")
-                    + " (catastrophic backtracking, e.g. '(.|.)*' or '(a+)+'); simplify the pattern"
-                ) from None
-            except RecursionError:
-                raise error(f"{where}: {label} is too complex to match") from None
+                    f"{where}: {label} nests repetitions (e.g. '(a+)+' or '(.|.)*'), which can take exponential "
+                    "time to match; simplify the pattern"
+                )
+            return
+        try:
+            for text in strings:
+                match(text)
+        except _PatternTimeout:
+            raise error(
+                f"{where}: {label} takes more than {PATTERN_TIME_LIMIT_S:g} s to match "
+                + ("the model's module names" if model_names else "short module-like names")
+                + " (catastrophic backtracking, e.g. '(.|.)*' or '(a+)+'); simplify the pattern"
+            ) from None
+        except RecursionError:
+            raise error(f"{where}: {label} is too complex to match") from None

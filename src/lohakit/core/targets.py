@@ -99,6 +99,11 @@ def _derived(config: LoHaConfig, slot: str, value: Any, build: Callable[[Any], A
     return made
 
 
+def forget_compiled(config: LoHaConfig) -> None:
+    """Drop the compiled forms of ``config``'s fields (a pass over a model starts from the values as they are now)."""
+    config.__dict__.pop(_CACHE_ATTR, None)
+
+
 def _dotted_suffixes(key: str) -> Iterator[str]:
     """``key`` and every part of it after a dot: ``a.b.c`` -> ``a.b.c``, ``b.c``, ``c``."""
     yield key
@@ -138,10 +143,18 @@ def is_under_modules_to_save(config: LoHaConfig, key: str) -> bool:
     mts = config.modules_to_save
     if not mts:
         return False
-    # a dotted prefix of ``key`` that ends with an entry: (^|.*\.)<m>($|\..*) for each entry m
-    names = _names(config, "modules_to_save")
-    parts = key.split(".")
-    return any(".".join(parts[i:j]) in names for j in range(1, len(parts) + 1) for i in range(j))
+    # PEFT's rule: re.match((^|.*\.)<m>($|\..*)) for each entry m, the entry read as a regex
+    return any(rx.match(key) is not None for rx in _derived(config, "modules_to_save:re", mts, _modules_to_save_rules))
+
+
+def _modules_to_save_rules(entries: Iterable[str]) -> list["re.Pattern[str]"]:
+    rules = []
+    for m in entries:
+        try:
+            rules.append(re.compile(rf"(^|.*\.){m}($|\..*)"))
+        except re.error:  # not a regex: PEFT would fail; read it literally
+            rules.append(re.compile(rf"(^|.*\.){re.escape(m)}($|\..*)"))
+    return rules
 
 
 _DEFAULT_LAYER_RX = re.compile(r".*?\.[^.]*\.(\d+)\.")

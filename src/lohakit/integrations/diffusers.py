@@ -324,7 +324,13 @@ def _guard_pipeline_saves() -> None:
     imported; nothing else changes), and the wrapper checks the components, then calls the
     original.
     """
+    if "diffusers" not in sys.modules:
+        return  # no diffusers model can be wrapped before diffusers is imported
     utils = sys.modules.get("diffusers.pipelines.pipeline_utils")
+    if utils is None:  # a model was loaded without any pipeline: the class the pipeline will have is patched now
+        import importlib
+
+        utils = importlib.import_module("diffusers.pipelines.pipeline_utils")
     pipeline_cls = getattr(utils, "DiffusionPipeline", None)
     original = getattr(pipeline_cls, "__dict__", {}).get("save_pretrained")
     if original is None or getattr(original, "_lohakit_guard", False):
