@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -210,11 +211,39 @@ def _bad_cases(tmp: Path, pipes: dict[str, Path], images: Path) -> dict[str, tup
     unknown.mkdir()
     (unknown / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline", "unet": ["diffusers", "UNet2DModel"]}))
     missing = tmp / "missing"
-    import shutil
-
     shutil.copytree(pipes["sd1"], missing)
     shutil.rmtree(missing / "vae")
     out = tmp / "out"
+    huge = tmp / "huge"
+    make_image_folder(huge / "99999999999_x", n=1)
+    no_tok = tmp / "no_tok"
+    shutil.copytree(pipes["sd1"], no_tok)
+    for f in (no_tok / "tokenizer").iterdir():
+        f.unlink()
+    no_te2 = tmp / "no_te2"
+    shutil.copytree(pipes["sdxl"], no_te2)
+    shutil.rmtree(no_te2 / "text_encoder_2")
+    idx = json.loads((no_te2 / "model_index.json").read_text())
+    idx["text_encoder_2"] = [None, None]
+    (no_te2 / "model_index.json").write_text(json.dumps(idx))
+    cls_list = tmp / "cls_list"
+    shutil.copytree(pipes["sd1"], cls_list)
+    idx = json.loads((cls_list / "model_index.json").read_text())
+    idx["_class_name"] = ["StableDiffusionPipeline"]
+    (cls_list / "model_index.json").write_text(json.dumps(idx))
+    bad_vae = tmp / "bad_vae"
+    shutil.copytree(pipes["sd1"], bad_vae)
+    vc = json.loads((bad_vae / "vae" / "config.json").read_text())
+    vc["scaling_factor"] = "big"
+    (bad_vae / "vae" / "config.json").write_text(json.dumps(vc))
+    gif = make_image_folder(tmp / "gif", n=1)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(gif / "g.png", format="GIF")
+    (gif / "g.txt").write_text("x")
+    binary = tmp / "binary.txt"
+    binary.write_bytes(bytes(range(128, 256)))
+    inside = make_image_folder(tmp / "inside", n=1)
     return {
         "empty folder": (_cli(pipes["sd1"], empty, out), "empty"),
         "truncated image": (_cli(pipes["sd1"], trunc, out), "broken.png"),
@@ -228,6 +257,16 @@ def _bad_cases(tmp: Path, pipes: dict[str, Path], images: Path) -> dict[str, tup
         "UNet option on a DiT": (_cli(pipes["flux"], images, out, "--resolution", "32", "--min-snr-gamma", "5"), "--min-snr-gamma"),
         "guidance on SD3": (_cli(pipes["sd3"], images, out, "--guidance-scale", "3"), "--guidance-scale"),
         "SD3 position cap": (_cli(pipes["sd3"], images, out, "--resolution", "256"), "pos_embed_max_size"),
+        "huge repeats": (_cli(pipes["sd1"], huge, out), "99999999999 repeats"),
+        "huge resolution": (_cli(pipes["sd1"], images, out, "--resolution", "100000"), "'resolution'"),
+        "T5 length": (_cli(pipes["flux"], images, out, "--max-sequence-length", "100000"), "'max_sequence_length'"),
+        "empty tokenizer": (_cli(no_tok, images, out), "tokenizer/ holds no usable tokenizer"),
+        "SDXL without text_encoder_2": (_cli(no_te2, images, out), "'text_encoder_2'"),
+        "class name not a string": (_cli(cls_list, images, out), "pipeline class"),
+        "VAE config": (_cli(bad_vae, images, out), "scaling_factor"),
+        "fp16 on the CPU": (_cli(pipes["sd1"], images, out, "--mixed-precision", "fp16"), "fp16"),
+        "GIF named .png": (_cli(pipes["sd1"], gif, out), "GIF"),
+        "binary sample prompts": (_cli(pipes["sd1"], images, out, "--sample-prompts", str(binary)), "--sample-prompts"),
         "conv rank without convs": (_cli(pipes["sd1"], images, out, "--conv-r", "4"), "train_convs"),
         "image flag on text task": (["train", "--model", str(pipes["sd1"]), "--data", str(images), "--output-dir", str(out),
                                      "--resolution", "32"], "--resolution"),
@@ -235,12 +274,22 @@ def _bad_cases(tmp: Path, pipes: dict[str, Path], images: Path) -> dict[str, tup
 
 
 def test_bad_inputs_exit_2_and_write_nothing(pipes, images, tmp_path, capsys):
-    for name, (argv, needle) in _bad_cases(tmp_path, pipes, images).items():
+    inside = tmp_path / "inside"
+    cases = _bad_cases(tmp_path, pipes, images)
+    code = main(_cli(pipes["sd1"], inside, inside / "out"))
+    assert code == 2 and "inside the image folder" in capsys.readouterr().err and not (inside / "out").exists()
+    for name, (argv, needle) in cases.items():
         code = main(argv)
         err = capsys.readouterr().err
         assert code == 2, (name, err)
         assert needle in err and len(err.strip().splitlines()) == 1, (name, err)
         assert not (tmp_path / "out").exists(), name
+
+
+@pytest.mark.parametrize("key,value", [("caption_ext", 5), ("cache_dir", 5), ("sample_prompts", 3), ("data", 1)])
+def test_config_types_named(key, value, tmp_path):
+    with pytest.raises(ValueError, match=f"'{key}'"):
+        ImageTrainConfig.from_dict({"model": "m", "data": "d", "output_dir": "o", key: value})
 
 
 def test_bad_image_skipped_and_missing_caption_modes(pipes, tmp_path, capsys):

@@ -410,8 +410,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    with _quiet_libraries():
+    with _quiet_libraries(), _one_line_warnings(debug):
         return _main(argv, debug)
+
+
+@contextlib.contextmanager
+def _one_line_warnings(debug: bool) -> Iterator[None]:
+    """Warnings as ``lohakit: warning: <message>``, one line each (no source excerpt; --debug keeps Python's form)."""
+    import warnings
+
+    old = warnings.formatwarning
+    if not debug:
+        warnings.formatwarning = lambda message, category, *a, **k: f"lohakit: warning: {' '.join(str(message).split())}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = old
 
 
 def _main(argv: list[str], debug: bool) -> int:

@@ -72,6 +72,10 @@ METADATA_FILE = "metadata.jsonl"
 #: ``missing_caption`` modes.
 MISSING_CAPTION_MODES = ("warn", "error", "empty", "folder")
 #: kohya repeat folder: ``<N>_<name>``.
+#: Repeats a kohya ``N_name`` folder may ask for (kohya folders use 1-100; more is a typo or an attack).
+MAX_REPEATS = 10_000
+#: Image formats read, whatever the file is named (decoded content decides; GIF/TIFF/BMP are refused).
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")
 _REPEAT_DIR = re.compile(r"^(\d+)_(.*)$", re.DOTALL)
 #: How many names a warning or error lists before "...".
 _SHOW = 5
@@ -172,6 +176,8 @@ def _check_image(path: Path) -> tuple[int, int]:
             im.verify()  # structure and checksums (PNG CRCs)
         with Image.open(path) as im:  # verify() leaves the object unusable: reopen to decode fully
             w, h = im.size
+            if im.format not in IMAGE_FORMATS:
+                raise ValueError(f"its content is {im.format or 'an unknown format'}")
             im.load()  # truncated data fails here (unless ImageFile.LOAD_TRUNCATED_IMAGES is set)
             orientation = im.getexif().get(_ORIENTATION_TAG, 1)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
@@ -326,6 +332,8 @@ def scan_images(
                     continue
                 n, concept = int(m.group(1)), m.group(2)
                 folder = Path(e.path)
+                if n > MAX_REPEATS:
+                    raise ImageDataError(f"repeat folder {str(folder)!r}: {m.group(1)} repeats; expected at most {MAX_REPEATS:,}")
                 imgs = _images_in(folder)
                 if not imgs:
                     raise ImageDataError(f"repeat folder {str(folder)!r} has no images; expected {list(IMAGE_SUFFIXES)} files")

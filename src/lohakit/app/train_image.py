@@ -67,6 +67,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["ImageTrainConfig", "train_text_to_image", "read_pipeline_dir", "PipelineInfo"]
 
 ADAPTERS = ("loha", "lora")
+#: Largest --resolution accepted (FLUX.1 and SDXL train at 1024-2048).
+MAX_RESOLUTION = 8192
 OPTIMIZERS = ("adamw", "adamw8bit")
 MISSING_CAPTION = ("warn", "error", "empty", "folder")
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -184,7 +186,8 @@ class ImageTrainConfig:
             "missing_caption": (lambda v: v in MISSING_CAPTION, f"one of {list(MISSING_CAPTION)}"),
             "timestep_sampling": (lambda v: v is None or v in TIMESTEP_SAMPLING, f"one of {list(TIMESTEP_SAMPLING)} or null"),
             "save_dtype": (lambda v: v in SAVE_DTYPES, f"one of {list(SAVE_DTYPES)}"),
-            "resolution": pos_int, "batch_size": pos_int, "grad_accum": pos_int, "max_steps": pos_int,
+            "resolution": (lambda v: is_int(v) and 1 <= v <= MAX_RESOLUTION, f"an int in [1, {MAX_RESOLUTION}]"),
+            "batch_size": pos_int, "grad_accum": pos_int, "max_steps": pos_int,
             "sample_steps": pos_int, "warmup_steps": nonneg_int, "save_every": nonneg_int,
             "sample_every": nonneg_int, "keep_tokens": nonneg_int,
             "seed": (is_int, "an int"), "sample_seed": (is_int, "an int"),
@@ -197,7 +200,13 @@ class ImageTrainConfig:
             "min_snr_gamma": (lambda v: v is None or (is_num(v) and v > 0), "a positive number or null"),
             "ema_decay": (lambda v: is_num(v) and 0 <= v < 1, "a number in [0, 1) (0: no EMA)"),
             "guidance_scale": (lambda v: v is None or is_num(v), "a number or null"),
-            "max_sequence_length": (lambda v: v is None or (is_int(v) and v >= 1), "an int >= 1 or null"),
+            "max_sequence_length": (lambda v: v is None or (is_int(v) and 1 <= v <= 512), "an int in [1, 512] (T5's limit in these pipelines) or null"),
+            "caption_ext": (lambda v: isinstance(v, str) and v.strip(".") != "" and "/" not in v, "a file suffix such as .txt"),
+            "cache_dir": (lambda v: v is None or (isinstance(v, str) and v != ""), "a directory path or null"),
+            "sample_prompts": (lambda v: v is None or (isinstance(v, str) and v != ""), "a file path or null"),
+            "model": (lambda v: isinstance(v, str), "a pipeline directory path"),
+            "data": (lambda v: isinstance(v, str), "an image folder path"),
+            "output_dir": (lambda v: isinstance(v, str), "a directory path"),
             "conv_r": (lambda v: v is None or (is_int(v) and v >= 1), "an int >= 1 or null"),
             "conv_alpha": (lambda v: v is None or is_num(v), "a number or null"),
             "loha": (lambda v: isinstance(v, dict), "a mapping of LoHaConfig fields"),
@@ -226,6 +235,15 @@ class ImageTrainConfig:
 # ------------------------------------------------------------------------------------------
 # Inputs
 # ------------------------------------------------------------------------------------------
+#: Components each family's training needs (SD3 may drop its T5, text_encoder_3, as diffusers allows).
+REQUIRED_COMPONENTS = {
+    "sd": ("unet", "vae", "scheduler", "text_encoder", "tokenizer"),
+    "sdxl": ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+    "flux": ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+    "sd3": ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+}
+
+
 @dataclass(frozen=True)
 class PipelineInfo:
     """What ``model_index.json`` says: the pipeline class, its family and its components."""
@@ -254,7 +272,7 @@ def read_pipeline_dir(model: str) -> PipelineInfo:
     except (OSError, ValueError) as e:
         raise ValueError(f"{index}: cannot be read as JSON ({e})") from None
     cls = raw.get("_class_name") if isinstance(raw, dict) else None
-    if cls not in PIPELINE_FAMILIES:
+    if not isinstance(cls, str) or cls not in PIPELINE_FAMILIES:
         raise ValueError(
             f"{index}: pipeline class {cls!r} is of no family lohakit trains; known: {sorted(PIPELINE_FAMILIES)}"
         )
@@ -265,8 +283,7 @@ def read_pipeline_dir(model: str) -> PipelineInfo:
         if not (d / name).is_dir():
             raise ValueError(f"--model {model!r}: component {name!r} ({v[1]}) is listed in model_index.json but {d / name} is missing")
         comps[name] = (str(v[0]), str(v[1]))
-    denoiser = "unet" if PIPELINE_FAMILIES[cls] in ("sd", "sdxl") else "transformer"
-    for need in (denoiser, "vae", "scheduler"):
+    for need in REQUIRED_COMPONENTS[PIPELINE_FAMILIES[cls]]:
         if need not in comps:
             raise ValueError(f"--model {model!r}: model_index.json has no {need!r} component (a {cls} needs one)")
     return PipelineInfo(d, cls, PIPELINE_FAMILIES[cls], comps)
@@ -292,7 +309,11 @@ def read_prompts(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--sample-prompts {path!r}: no such file")
-    prompts = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as e:
+        raise ValueError(f"--sample-prompts {path!r}: cannot be read as UTF-8 text ({e})") from None
+    prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if not prompts:
         raise ValueError(f"--sample-prompts {path!r}: no prompts (one per line)")
     return prompts
@@ -311,7 +332,7 @@ def _load_pipeline(info: PipelineInfo) -> Any:
     try:
         kw = {"safety_checker": None, "requires_safety_checker": False} if info.family == "sd" else {}
         return DiffusionPipeline.from_pretrained(str(info.path), **kw).to(torch.float32)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 - a broken component (tokenizer, config) fails in many ways
         raise ValueError(f"--model {str(info.path)!r}: the pipeline cannot be loaded ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
     finally:
         dlog.set_verbosity(was)
@@ -513,6 +534,15 @@ def train_text_to_image(
     prompts = read_prompts(cfg.sample_prompts) if cfg.sample_prompts else []
     items, scan = scan_images(cfg.data, caption_ext=cfg.caption_ext, missing_caption=cfg.missing_caption,
                               skip_bad_images=cfg.skip_bad_images)
+    data_dir, out_abs = Path(cfg.data).resolve(), out.resolve()  # type: ignore[arg-type]
+    if out_abs == data_dir or data_dir in out_abs.parents:
+        raise ValueError(f"--output-dir {str(out)!r} is inside the image folder {cfg.data!r}: the next run would train on "
+                         "its outputs; choose a directory outside it")
+    if cfg.cache_dir and Path(cfg.cache_dir).exists() and not Path(cfg.cache_dir).is_dir():
+        raise ValueError(f"--cache-dir {cfg.cache_dir!r} exists and is not a directory")
+    if cfg.mixed_precision == "fp16" and (cfg.cpu or not torch.cuda.is_available()):
+        raise ValueError("--mixed-precision fp16 needs a CUDA GPU (torch has no fp16 autocast with loss scaling on the CPU); "
+                         "use bf16 or no")
     resume_dir = resolve_resume(cfg.resume, out)
     if resume_dir is None:
         if out.exists() and not out.is_dir():
@@ -524,6 +554,19 @@ def train_text_to_image(
     pipe = _load_pipeline(info)
     component = info_component(info)
     denoiser: nn.Module = getattr(pipe, component)
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tok = getattr(pipe, name, None)
+        if tok is None:
+            continue
+        if not 0 < int(getattr(tok, "model_max_length", 0) or 0) <= 1_000_000 or len(tok) == 0:
+            raise ValueError(f"--model {cfg.model!r}: {name}/ holds no usable tokenizer (model_max_length "
+                             f"{getattr(tok, 'model_max_length', None)!r}, {len(tok)} tokens); expected the files its "
+                             "save_pretrained writes")
+    vcfg = pipe.vae.config
+    for key in ("scaling_factor", "shift_factor"):
+        v = getattr(vcfg, key, None)
+        if not (v is None and key == "shift_factor") and not is_num(v):
+            raise ValueError(f"{info.path / 'vae' / 'config.json'}: {key} must be a number, got {v!r}")
     objective = objective_for(
         pipe, info.family, min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset,
         timestep_sampling=cfg.timestep_sampling or "logit_normal", guidance_scale=cfg.guidance_scale,
@@ -896,6 +939,9 @@ def _make_optimizer(cfg: ImageTrainConfig, groups: list[dict[str, Any]]) -> torc
 
 def _read_state(resume_dir: Path, cfg: ImageTrainConfig) -> dict[str, Any]:
     state = read_trainer_state(resume_dir, cfg.max_steps)
+    for key in ("optimizer", "scheduler"):
+        if not isinstance(state.get(key), dict):
+            raise ValueError(f"checkpoint {str(resume_dir)!r}: trainer_state.json has no '{key}' state (got {state.get(key)!r})")
     if not (resume_dir / "params.safetensors").is_file():
         raise ValueError(f"checkpoint {str(resume_dir)!r} has no params.safetensors (not a text-to-image checkpoint)")
     return state
@@ -904,9 +950,14 @@ def _read_state(resume_dir: Path, cfg: ImageTrainConfig) -> dict[str, Any]:
 def _load_adapter_tensors(resume_dir: Path, trained: dict[str, nn.Module]) -> None:
     params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
     saved = load_state_dict(resume_dir / "params.safetensors")
-    if len(saved) != len(params) or any(tuple(saved.get(str(i), torch.empty(0)).shape) != tuple(p.shape) for i, p in enumerate(params)):
+    if len(saved) != len(params):
         raise ValueError(f"checkpoint {str(resume_dir)!r} holds another adapter ({len(saved)} tensors) than this config "
                          f"builds ({len(params)}); resume with the checkpoint's settings")
+    for i, p in enumerate(params):
+        got = tuple(saved.get(str(i), torch.empty(0)).shape)
+        if got != tuple(p.shape):
+            raise ValueError(f"checkpoint {str(resume_dir)!r} holds another adapter: tensor {i} has shape {got}, this config "
+                             f"builds {tuple(p.shape)} (another rank or targets?); resume with the checkpoint's settings")
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(saved[str(i)])
