@@ -572,3 +572,35 @@ def test_scan_to_batches_end_to_end(tmp_path: Path) -> None:
         assert x.shape == (2, 3, bucket[1], bucket[0])
         caps = [process_caption(items[i].caption, bt.caption_rng(step, 0, p), shuffle=True) for p, i in enumerate(idx)]
         assert all(isinstance(c, str) for c in caps)
+
+
+# ------------------------------------------------------------------ limits (adversarial run, 2026-12-02)
+def test_limits_on_repeats_caption_size_pixels_and_formats(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from lohakit.app import imagedata as idata
+
+    def folder(name: str) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        return d
+
+    rep = folder("rep")
+    (rep / "99999_x").mkdir()
+    Image.new("RGB", (8, 8)).save(rep / "99999_x" / "a.png")
+    with pytest.raises(ImageDataError, match="99999 repeats; expected at most 10,000"):
+        scan_images(rep)
+    cap = folder("cap")
+    Image.new("RGB", (8, 8)).save(cap / "a.png")
+    (cap / "a.txt").write_text("x" * (idata.MAX_CAPTION_BYTES + 1))
+    with pytest.raises(ImageDataError, match="a.txt.*bytes; expected at most"):
+        scan_images(cap)
+    gif = folder("gif")
+    Image.new("RGB", (8, 8)).save(gif / "a.png", format="GIF")
+    with pytest.raises(ImageDataError, match="its content is GIF"):
+        scan_images(gif)
+    big = folder("big")
+    Image.new("RGB", (20, 20)).save(big / "a.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # 400 pixels: above the warning limit, below the error one
+    with pytest.raises(ImageDataError, match="exceeds limit"):
+        scan_images(big)

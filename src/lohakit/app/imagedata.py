@@ -74,6 +74,8 @@ MISSING_CAPTION_MODES = ("warn", "error", "empty", "folder")
 #: kohya repeat folder: ``<N>_<name>``.
 #: Repeats a kohya ``N_name`` folder may ask for (kohya folders use 1-100; more is a typo or an attack).
 MAX_REPEATS = 10_000
+#: Largest caption file read (CLIP reads 77 tokens, T5 512).
+MAX_CAPTION_BYTES = 1 << 20
 #: Image formats read, whatever the file is named (decoded content decides; GIF/TIFF/BMP are refused).
 IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")
 _REPEAT_DIR = re.compile(r"^(\d+)_(.*)$", re.DOTALL)
@@ -172,6 +174,19 @@ def _check_image(path: Path) -> tuple[int, int]:
     if not _is_regular(path):
         raise ImageDataError(f"image {str(path)!r} is not a regular file")
     try:
+        with warnings.catch_warnings():
+            # PIL warns above MAX_IMAGE_PIXELS (89M) and raises at twice that: refuse both (a bomb or a header lie)
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return _decoded_size(Image, path)
+    except ImageDataError:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBomb*...
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ImageDataError(f"image {str(path)!r} is not a readable JPEG/PNG/WebP image ({reason})") from None
+
+
+def _decoded_size(Image: Any, path: Path) -> tuple[int, int]:
+    try:
         with Image.open(path) as im:
             im.verify()  # structure and checksums (PNG CRCs)
         with Image.open(path) as im:  # verify() leaves the object unusable: reopen to decode fully
@@ -201,6 +216,9 @@ def _read_caption(path: Path) -> str | None:
         return None
     if not _is_regular(path):
         raise ImageDataError(f"caption {str(path)!r} is not a regular file")
+    if path.stat().st_size > MAX_CAPTION_BYTES:
+        raise ImageDataError(f"caption {str(path)!r} is {path.stat().st_size:,} bytes; expected at most {MAX_CAPTION_BYTES:,} "
+                             "(a caption is a line of text)")
     try:
         return _first_line(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as e:
