@@ -13,3 +13,13 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of tiny models: on 2 shared cores a second OpenMP thread
+    makes them up to ~80x slower (threads waiting for each other), and it leaves the other core free."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

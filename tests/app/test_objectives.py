@@ -19,12 +19,7 @@ from lohakit.app.objectives import objective_for
 FAMILY = {"sd1": "sd", "sd2v": "sd", "sdxl": "sdxl", "flux": "flux", "sd3": "sd3"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class Capture(torch.nn.Module):

@@ -38,12 +38,7 @@ CLASSES = {"sd1": "StableDiffusionPipeline", "sd2v": "StableDiffusionPipeline", 
            "flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,7 @@ from lohakit.app.train_image import ImageTrainConfig, train_text_to_image
 FAMILIES = ["sd1", "sd2v", "sdxl", "flux", "sd3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is far faster than two on these machines (and leaves the other core free)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
