@@ -300,27 +300,11 @@ def worker(stack: str, size: str, variant: str, r: int, device: str, steps: int)
     without state); ``peak_mb`` the peak while stepping (CPU: VmHWM after a reset, CUDA:
     ``max_memory_allocated``).
     """
-    from .memory import _reset_peak_rss, _status_mb
+    from .memory import measure_peak
 
     base, inputs, targets, _, _ = make_stack(stack, size, device)
     step = DiffusionStep(build_variant(variant, base, targets, r, copy_base=False), inputs, device)
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated() / 2**20
-    else:
-        before = _status_mb("VmRSS")
-        if not _reset_peak_rss():
-            before = 0.0
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = _status_mb("VmHWM")
-    return {"variant": variant, "before_mb": before, "peak_mb": peak}
+    return {"variant": variant, **measure_peak(step, device, steps)}
 
 
 if __name__ == "__main__":

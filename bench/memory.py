@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
@@ -52,6 +54,13 @@ def worker(variant: str, r: int, device: str, steps: int) -> dict:
     shape = GPU_SHAPE if device == "cuda" else CPU_SHAPE
     model = build_variant(variant, make_llama(shape, device), TARGETS, r, copy_base=False)
     step = LlamaStep(model, shape, device)
+    return {"variant": variant, **measure_peak(step, device, steps)}
+
+
+def measure_peak(step: Any, device: str, steps: int) -> dict[str, float]:
+    """``{"before_mb", "peak_mb"}`` around ``steps`` calls of ``step``: memory held before, and the
+    peak while stepping (CUDA: ``max_memory_allocated``; CPU: VmHWM after a reset, else the
+    lifetime peak, with ``before`` 0)."""
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -68,7 +77,7 @@ def worker(variant: str, r: int, device: str, steps: int) -> dict:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = _status_mb("VmHWM")  # peak RSS since the reset
-    return {"variant": variant, "before_mb": before, "peak_mb": peak}
+    return {"before_mb": before, "peak_mb": peak}
 
 
 def run_peak(quick: bool, device: str, ranks: tuple[int, ...] | None = None,

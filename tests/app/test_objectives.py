@@ -58,7 +58,7 @@ def test_ddpm_targets_and_min_snr(name, gamma):
     with torch.no_grad():
         loss = obj.loss(cap, x0, cond, [7, 8, 9], time_ids=time_ids)
     (noisy, t), kwargs, pred = cap.calls[0]
-    ac = obj._train_scheduler().alphas_cumprod[t].view(-1, 1, 1, 1)
+    ac = obj.train_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     eps = (noisy - ac.sqrt() * x0) / (1 - ac).sqrt()  # the noise the objective drew
     kind = pipe.scheduler.config.prediction_type
     assert obj.kind == kind == ("v_prediction" if name == "sd2v" else "epsilon")

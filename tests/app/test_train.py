@@ -10,19 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from lohakit.app.cli import main
-from lohakit.app.train import TrainConfig, TrainInterrupted, find_last_checkpoint, load_config_file, train
+from lohakit.app.train import TrainConfig, TrainInterrupted, load_config_file, train
 
 PROSE = (
     "The quick brown fox jumps over the lazy dog. A LoHa adapter multiplies two low-rank matrices "
@@ -156,29 +151,16 @@ def test_resume_matches_uninterrupted_run(llama_dir, data_txt, tmp_path):
 
 @pytest.mark.slow
 def test_sigint_saves_checkpoint(llama_dir, data_txt, tmp_path):
+    from helpers.processes import last_checkpoint_state, lohakit_ctrl_c_after
+
     out = tmp_path / "out"
     args = base_args(llama_dir, data_txt, out, steps=100000)
     args[args.index("--save-every") + 1] = "0"
     args[args.index("--eval-every") + 1] = "0"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "lohakit", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if (out / "metrics.jsonl").is_file() and len(read_metrics(out)) >= 3:
-                break
-            if proc.poll() is not None:
-                break
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
-    ck = find_last_checkpoint(out)
-    assert ck is not None, err
-    state = json.loads((ck / "trainer_state.json").read_text())
+    code, err = lohakit_ctrl_c_after(args, out, steps=3)
+    assert code == 130, err
+    state = last_checkpoint_state(out)
+    assert state is not None, err
     assert state["reason"] == "interrupted" and state["step"] >= 3
     assert "checkpoint saved" in err.strip().splitlines()[-1]
     assert (out / "loss_curve.png").is_file()

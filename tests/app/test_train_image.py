@@ -375,29 +375,14 @@ def test_config_file_and_kohya_repeat_folders(pipes, tmp_path, capsys):
 
 
 def test_ctrl_c_saves_a_checkpoint(pipes, images, tmp_path):
-    import signal
-    import time
+    from helpers.processes import last_checkpoint_state, lohakit_ctrl_c_after
 
     out = tmp_path / "out"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "lohakit", *_cli(pipes["sd1"], images, out, "--max-steps", "100000", "--save-every", "0")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if (out / "metrics.jsonl").is_file() and len(_losses(out)) >= 2:
-                break
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
-    from lohakit.app.runs import find_last_checkpoint
-
-    ck = find_last_checkpoint(out)
-    assert ck is not None and json.loads((ck / "trainer_state.json").read_text())["reason"] == "interrupted", err
+    code, err = lohakit_ctrl_c_after(_cli(pipes["sd1"], images, out, "--max-steps", "100000", "--save-every", "0"), out, steps=2)
+    assert code == 130, err
+    state = last_checkpoint_state(out)
+    assert state is not None and state["reason"] == "interrupted" and state["step"] >= 2, err
+    ck = state["_dir"]
     assert (ck / "loha.safetensors").is_file() and (ck / "unet" / "adapter_config.json").is_file()
     assert "checkpoint saved" in err.strip().splitlines()[-1]
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from ..core.config import LoHaConfig
 from ..core.model import LoHaModel
+from .runs import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +96,6 @@ def relative_change(before: float, after: float) -> str:
     if round(pct, 1) == 0:
         return "unchanged"
     return f"{abs(pct):.1f}% {'higher' if pct > 0 else 'lower'}"
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/lohakit`` (default ``~/.cache/lohakit``)."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "lohakit"
 
 
 # ------------------------------------------------------------------------------------------

@@ -177,25 +177,15 @@ def _check_image(path: Path) -> tuple[int, int]:
         with warnings.catch_warnings():
             # PIL warns above MAX_IMAGE_PIXELS (89M) and raises at twice that: refuse both (a bomb or a header lie)
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return _decoded_size(Image, path)
-    except ImageDataError:
-        raise
+            with Image.open(path) as im:
+                im.verify()  # structure and checksums (PNG CRCs)
+            with Image.open(path) as im:  # verify() leaves the object unusable: reopen to decode fully
+                w, h = im.size
+                if im.format not in IMAGE_FORMATS:
+                    raise ValueError(f"its content is {im.format or 'an unknown format'}")
+                im.load()  # truncated data fails here (unless ImageFile.LOAD_TRUNCATED_IMAGES is set)
+                orientation = im.getexif().get(_ORIENTATION_TAG, 1)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBomb*...
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ImageDataError(f"image {str(path)!r} is not a readable JPEG/PNG/WebP image ({reason})") from None
-
-
-def _decoded_size(Image: Any, path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as im:
-            im.verify()  # structure and checksums (PNG CRCs)
-        with Image.open(path) as im:  # verify() leaves the object unusable: reopen to decode fully
-            w, h = im.size
-            if im.format not in IMAGE_FORMATS:
-                raise ValueError(f"its content is {im.format or 'an unknown format'}")
-            im.load()  # truncated data fails here (unless ImageFile.LOAD_TRUNCATED_IMAGES is set)
-            orientation = im.getexif().get(_ORIENTATION_TAG, 1)
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ImageDataError(f"image {str(path)!r} is not a readable JPEG/PNG/WebP image ({reason})") from None
     if w < 1 or h < 1:

@@ -24,6 +24,7 @@ factor; prompt embeddings ``(B, L, D)``, pooled ``(B, D')``.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -32,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Objective", "objective_for", "FAMILY_DEFAULT_TARGETS", "TIMESTEP_SAMPLING", "vae_scale_factor"]
+__all__ = ["Objective", "objective_for", "FAMILY_DEFAULT_TARGETS", "TIMESTEP_SAMPLING"]
 
 TIMESTEP_SAMPLING = ("logit_normal", "uniform")
 
@@ -53,11 +54,6 @@ FAMILY_DEFAULT_TARGETS: dict[str, list[str]] = {
 UNET_CONV_TARGETS = ["conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"]
 #: The text encoders' projections (CLIP and T5 names).
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "q", "k", "v", "o", "wi", "wo", "wi_0", "wi_1"]
-
-
-def vae_scale_factor(vae: nn.Module) -> int:
-    """The VAE's spatial down-sampling factor: 2^(number of blocks − 1)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def _gen(seed: int, salt: int) -> torch.Generator:
@@ -140,19 +136,17 @@ class Objective:
             return self._flow_loss(denoiser, latents, cond, seeds)
         return self._ddpm_loss(denoiser, latents, cond, seeds, time_ids)
 
-    def _train_scheduler(self) -> Any:
-        sched = self.__dict__.get("_ddpm")
-        if sched is None:
-            from diffusers import DDPMScheduler
+    @functools.cached_property
+    def train_scheduler(self) -> Any:
+        """A DDPM scheduler from the pipeline's config: the training noise (SDXL ships Euler for sampling)."""
+        from diffusers import DDPMScheduler
 
-            sched = DDPMScheduler.from_config(self.pipe.scheduler.config)
-            self.__dict__["_ddpm"] = sched
-        return sched
+        return DDPMScheduler.from_config(self.pipe.scheduler.config)
 
     def _ddpm_loss(
         self, unet: nn.Module, x0: torch.Tensor, cond: dict[str, torch.Tensor], seeds: Sequence[int], time_ids: torch.Tensor | None,
     ) -> torch.Tensor:
-        sched = self._train_scheduler()
+        sched = self.train_scheduler
         dev, b = x0.device, x0.shape[0]
         n_t = int(sched.config.num_train_timesteps)
         noise = _per_sample(seeds, x0.shape[1:], salt=2).to(dev, x0.dtype)  # (B, C, h, w)
@@ -185,7 +179,6 @@ class Objective:
 
     def sigmas(self, seeds: Sequence[int], image_seq_len: int) -> torch.Tensor:
         """σ per sample ``(B,)``: drawn (``timestep_sampling``), then shifted as the scheduler says."""
-        cfg = self.pipe.scheduler.config
         draws = []
         for s in seeds:
             g = _gen(s, 5)
@@ -248,7 +241,7 @@ def objective_for(pipe: Any, family: str, **options: Any) -> Objective:
     Raises:
         ValueError: a scheduler whose ``prediction_type`` is not one of the three.
     """
-    f = vae_scale_factor(pipe.vae)
+    f = int(pipe.vae_scale_factor)  # every one of these pipelines derives it from its VAE
     if family in ("sd", "sdxl"):
         kind = pipe.scheduler.config.get("prediction_type", "epsilon")
         if kind not in ("epsilon", "v_prediction", "sample"):

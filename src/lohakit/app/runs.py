@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import re
 import signal
 import threading
@@ -16,7 +17,7 @@ from typing import Any, Callable, Iterator, TypeVar
 from ..core.io import atomic_write_bytes
 
 __all__ = [
-    "config_from_dict", "check_fields", "is_int", "is_num", "find_last_checkpoint", "resolve_resume",
+    "config_from_dict", "check_fields", "default_cache_dir", "is_int", "is_num", "find_last_checkpoint", "resolve_resume",
     "read_trainer_state", "metrics_log", "interrupt_flag", "progress_bar", "atomic_write_text",
 ]
 
@@ -25,6 +26,12 @@ C = TypeVar("C")
 Checks = dict[str, tuple[Callable[[Any], bool], str]]
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/lohakit`` (default ``~/.cache/lohakit``): cached demo bases, image latents."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "lohakit"
 
 
 def is_int(v: Any) -> bool:

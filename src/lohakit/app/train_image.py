@@ -54,7 +54,7 @@ from ..core.model import LoHaModel, inject_adapter_in_model
 from .imagedata import ImageBatches, cover_and_crop, load_pixels, make_buckets, process_caption, scan_images, tag_frequencies
 from .objectives import FAMILY_DEFAULT_TARGETS, TEXT_ENCODER_TARGETS, TIMESTEP_SAMPLING, UNET_CONV_TARGETS, Objective, objective_for
 from .runs import (
-    atomic_write_text, check_fields, config_from_dict, find_last_checkpoint, interrupt_flag, is_checkpoint_name, is_int,
+    atomic_write_text, check_fields, config_from_dict, default_cache_dir, find_last_checkpoint, interrupt_flag, is_checkpoint_name, is_int,
     is_num, metrics_log, progress_bar, read_trainer_state, resolve_resume,
 )
 from .train import (
@@ -474,11 +474,6 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _default_cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "lohakit" / "image-cache"
-
-
 # ------------------------------------------------------------------------------------------
 # Output
 # ------------------------------------------------------------------------------------------
@@ -645,7 +640,7 @@ def train_text_to_image(
         acc.scaler.load_state_dict(state["scaler"])  # fp16: the loss scale goes on where it was
 
     # ---------------------------------------------------------------- caches
-    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else _default_cache_dir()
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir() / "image-cache"
     vae_fp = _fingerprint([pipe.vae])
     text_fp = "|".join([info.family, _fingerprint(list(_text_encoders(pipe).values())), _tokenizer_digest(info.path),
                         str(cfg.max_sequence_length)])
@@ -813,7 +808,8 @@ def train_text_to_image(
                     with acc.autocast():
                         if text_cache is None:
                             cond = text_cond(captions)
-                        loss = objective.loss(denoiser, latents, cond, seeds, time_ids=_time_ids(items, idx, item_buckets)).mean()
+                        time_ids = _time_ids(items, idx, item_buckets) if info.family == "sdxl" else None
+                        loss = objective.loss(denoiser, latents, cond, seeds, time_ids=time_ids).mean()
                     acc.backward(loss / cfg.grad_accum)
                     step_loss += loss.detach().double() / cfg.grad_accum
                 if world > 1:
@@ -1014,12 +1010,11 @@ def _write_adapter_outputs(
 
 
 def _save_peft_lora(model: nn.Module, d: Path) -> None:
+    """A PEFT LoRA injected in place, as PEFT writes it: its config's own save_pretrained, and the adapter tensors."""
     from peft import get_peft_model_state_dict
 
-    d.mkdir(parents=True, exist_ok=True)
+    model.peft_config["default"].save_pretrained(str(d))
     save_state_dict(get_peft_model_state_dict(model), d / "adapter_model.safetensors")
-    conf = model.peft_config["default"].to_dict()
-    (d / "adapter_config.json").write_text(json.dumps(conf, indent=2, default=lambda o: sorted(o) if isinstance(o, set) else str(o)), encoding="utf-8")
 
 
 def _banner(cfg: ImageTrainConfig, info: PipelineInfo, objective: Objective, trained: dict[str, nn.Module], trainable: int,
