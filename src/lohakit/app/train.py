@@ -135,10 +135,6 @@ class TrainConfig:
     fsdp: bool = False
 
     @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "train config") -> "TrainConfig":
         """Build from a mapping; an unknown key raises ``ValueError`` listing the valid keys."""
         return config_from_dict(cls, data, source)

@@ -159,10 +159,6 @@ class ImageTrainConfig:
     progress: bool = True
 
     @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "train config") -> "ImageTrainConfig":
         """Build from a mapping; an unknown key raises ``ValueError`` listing the valid keys."""
         return config_from_dict(cls, data, source, context=" for task text-to-image")
@@ -733,7 +729,7 @@ def train_text_to_image(
             """The adapter(s) in PEFT format and the kohya file (EMA weights when on)."""
             ema_swap()
             try:
-                return _write_adapter_outputs(where, cfg, info, pipe, trained, component, step, scan, items, buckets,
+                return _write_adapter_outputs(where, cfg, info, pipe, trained, step, items, buckets,
                                               str(acc.mixed_precision))
             finally:
                 ema_swap()
@@ -767,7 +763,7 @@ def train_text_to_image(
             return final
 
         if main:
-            for line in _banner(cfg, info, objective, trained, trainable, total, scan, items, buckets, item_buckets, world):
+            for line in _banner(cfg, info, objective, trained, trainable, total, scan, buckets, item_buckets, world):
                 say(line)
             say(f"cache {cache_root}: latents {latent_cache.hits} reused, {latent_cache.misses} computed"
                 + (f"; text {text_cache.hits} reused, {text_cache.misses} computed" if text_cache is not None else
@@ -959,7 +955,7 @@ def _load_adapter_tensors(resume_dir: Path, trained: dict[str, nn.Module]) -> No
             p.copy_(saved[str(i)])
 
 
-def _kohya_metadata(cfg: ImageTrainConfig, info: PipelineInfo, step: int, scan: Any, items: Sequence[Any], buckets: Any,
+def _kohya_metadata(cfg: ImageTrainConfig, info: PipelineInfo, step: int, items: Sequence[Any], buckets: Any,
                     mixed_precision: str) -> dict[str, str]:
     """The ``ss_*`` header entries A1111 / kohya tools read (strings only)."""
     return {
@@ -987,8 +983,8 @@ def _kohya_metadata(cfg: ImageTrainConfig, info: PipelineInfo, step: int, scan: 
 
 
 def _write_adapter_outputs(
-    where: Path, cfg: ImageTrainConfig, info: PipelineInfo, pipe: Any, trained: dict[str, nn.Module], component: str,
-    step: int, scan: Any, items: Sequence[Any], buckets: Any, mixed_precision: str = "no",
+    where: Path, cfg: ImageTrainConfig, info: PipelineInfo, pipe: Any, trained: dict[str, nn.Module],
+    step: int, items: Sequence[Any], buckets: Any, mixed_precision: str,
 ) -> dict[str, Any]:
     """PEFT adapter directories (one per trained model) and, for LoHa, the kohya file."""
     from ..integrations.diffusers import save_loha_weights
@@ -1004,7 +1000,7 @@ def _write_adapter_outputs(
     result: dict[str, Any] = {"adapters": adapters, "kohya_file": None}
     if cfg.adapter == "loha":
         path = where / f"{cfg.output_name}.safetensors"
-        save_loha_weights(pipe, path, dtype=SAVE_DTYPES[cfg.save_dtype], metadata=_kohya_metadata(cfg, info, step, scan, items, buckets, mixed_precision))
+        save_loha_weights(pipe, path, dtype=SAVE_DTYPES[cfg.save_dtype], metadata=_kohya_metadata(cfg, info, step, items, buckets, mixed_precision))
         result["kohya_file"] = str(path)
     return result
 
@@ -1018,11 +1014,17 @@ def _save_peft_lora(model: nn.Module, d: Path) -> None:
 
 
 def _banner(cfg: ImageTrainConfig, info: PipelineInfo, objective: Objective, trained: dict[str, nn.Module], trainable: int,
-            total: int, scan: Any, items: Sequence[Any], buckets: Any, item_buckets: Sequence[Any], world: int) -> list[str]:
-    what = "all denoiser weights" if cfg.full_finetune else (
-        f"PEFT LoRA r={cfg.lora.get('r', 8)}" if cfg.adapter == "lora" else
-        f"LoHa r={cfg.loha.get('r', 8)} alpha={cfg.loha.get('alpha', cfg.loha.get('r', 8))}")
-    n_layers = sum(1 for m in trained.values() for _ in LoHaModel.attach(m).loha_layers()) if cfg.adapter == "loha" and not cfg.full_finetune else None
+            total: int, scan: Any, buckets: Any, item_buckets: Sequence[Any], world: int) -> list[str]:
+    n_layers = None
+    if cfg.full_finetune:
+        what = "all denoiser weights"
+    elif cfg.adapter == "lora":
+        conf = trained[info_component(info)].peft_config["default"]
+        what = f"PEFT LoRA r={conf.r} alpha={conf.lora_alpha:g}"
+    else:  # what was injected, defaults included
+        conf = LoHaModel.attach(trained[info_component(info)]).peft_config["default"]
+        what = f"LoHa r={conf.r} alpha={conf.alpha:g}"
+        n_layers = sum(1 for m in trained.values() for _ in LoHaModel.attach(m).loha_layers())
     used = sorted(set(item_buckets))
     pct = 100.0 * trainable / max(total, 1)
     objective_s = objective.kind if objective.kind != "flow" else f"flow matching ({objective.timestep_sampling} σ, shifted per the scheduler)"
